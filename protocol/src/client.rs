@@ -1,0 +1,278 @@
+//! Client ↔ signaling messages (WebSocket, JSON text frames). See `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// What a token allows. Every field defaults to `false` when absent from a token, except
+/// where [`Grants::default_participant`] is used to mint one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Grants {
+    pub join: bool,
+    pub publish: bool,
+    pub subscribe: bool,
+    pub publish_data: bool,
+    pub admin: bool,
+}
+
+impl Grants {
+    /// What an ordinary participant of a voice channel may do.
+    pub fn default_participant() -> Self {
+        Grants {
+            join: true,
+            publish: true,
+            subscribe: true,
+            publish_data: true,
+            admin: false,
+        }
+    }
+}
+
+/// A participant as other clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInfo {
+    /// Server-assigned session id, unique within the room for this seat. The media
+    /// stream id (`a=msid`) of this participant's tracks is `p<sid>`.
+    pub sid: String,
+    /// Identity from the token's `sub`.
+    pub identity: String,
+    /// Display name from the token's `name` (falls back to the identity).
+    pub name: String,
+    pub muted: bool,
+    pub speaking: bool,
+    /// True while the participant publishes audio.
+    pub publishing: bool,
+}
+
+/// An ICE server as `RTCPeerConnection` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// A trickled ICE candidate, in the shape of `RTCIceCandidateInit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceCandidate {
+    pub candidate: String,
+    #[serde(default, rename = "sdpMid", skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        default,
+        rename = "sdpMLineIndex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sdp_mline_index: Option<u16>,
+}
+
+/// Messages from a client to signaling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message on a socket. `room`, when given, must equal the token's room.
+    /// `resume: true` asks to take back a seat kept during the reconnect grace period
+    /// without renegotiating media.
+    Join {
+        token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+        #[serde(default)]
+        resume: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<u32>,
+    },
+    /// SDP offer from the client (its first offer publishes the microphone).
+    Offer { sdp: String },
+    /// SDP answer to an offer the server sent.
+    Answer { sdp: String },
+    /// Trickle ICE from the client. An empty `candidate` string means end of candidates.
+    Candidate { candidate: IceCandidate },
+    /// Mute or unmute the client's own microphone.
+    Mute { muted: bool },
+    /// Keep-alive; answered by `pong` with the same `ts`.
+    Ping {
+        #[serde(default)]
+        ts: f64,
+    },
+    /// Leave the room for good (no grace period).
+    Leave,
+}
+
+/// Messages from signaling to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Joined {
+        protocol: u32,
+        room: String,
+        #[serde(rename = "self")]
+        me: ParticipantInfo,
+        participants: Vec<ParticipantInfo>,
+        ice_servers: Vec<IceServer>,
+        grants: Grants,
+        /// True when the seat kept during the grace period was taken back and the
+        /// existing media session continues; false for a fresh seat (send an offer).
+        resumed: bool,
+        /// Seconds a dropped socket keeps the seat.
+        reconnect_grace_secs: u64,
+    },
+    /// SDP answer to the client's offer.
+    Answer { sdp: String },
+    /// SDP offer from the server (tracks came or went); reply with `answer`.
+    Offer { sdp: String },
+    /// Trickle ICE from the server.
+    Candidate { candidate: IceCandidate },
+    ParticipantJoined { participant: ParticipantInfo },
+    ParticipantLeft { sid: String, identity: String, reason: String },
+    ParticipantUpdated { participant: ParticipantInfo },
+    Error { code: ErrorCode, message: String },
+    Pong { ts: f64 },
+    /// The server ends this session (kicked, replaced by a newer join, room closed).
+    Left { reason: String },
+}
+
+/// Every error code a client can receive. Documented in `docs/protocol.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not valid JSON or not a known message.
+    BadRequest,
+    /// The frame exceeded the message size limit.
+    MessageTooLarge,
+    /// The token is missing, malformed, badly signed or from an unknown API key.
+    InvalidToken,
+    /// The token's `exp` has passed (or `nbf` not reached).
+    TokenExpired,
+    /// The token does not allow this (wrong room, no `join`/`publish` grant).
+    Forbidden,
+    /// A message other than `join` or `ping` arrived before `join` succeeded.
+    NotJoined,
+    /// `join` on a socket that already joined.
+    AlreadyJoined,
+    /// The SDP could not be parsed or negotiated.
+    InvalidSdp,
+    /// An ICE candidate could not be parsed.
+    InvalidCandidate,
+    /// No media node is connected, so no room can be placed.
+    NoMediaNode,
+    /// The client sends messages faster than allowed.
+    RateLimited,
+    /// The protocol version is not supported.
+    UnsupportedProtocol,
+    /// Something failed on the server side.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::InvalidSdp => "invalid_sdp",
+            ErrorCode::InvalidCandidate => "invalid_candidate",
+            ErrorCode::NoMediaNode => "no_media_node",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Largest text frame signaling accepts from a client, in bytes. Larger frames get
+/// `message_too_large` and are discarded; the session continues.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_round_trips_with_defaults() {
+        let m: ClientMessage = serde_json::from_str(r#"{"type":"join","token":"t"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Join {
+                token: "t".into(),
+                room: None,
+                resume: false,
+                protocol: None
+            }
+        );
+        let back = serde_json::to_string(&m).unwrap();
+        assert_eq!(back, r#"{"type":"join","token":"t","resume":false}"#);
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"token":"x"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>("not json").is_err());
+    }
+
+    #[test]
+    fn candidate_uses_browser_field_names() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"candidate","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,
+        )
+        .unwrap();
+        match m {
+            ClientMessage::Candidate { candidate } => {
+                assert_eq!(candidate.sdp_mid.as_deref(), Some("0"));
+                assert_eq!(candidate.sdp_mline_index, Some(0));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_messages_serialize_with_snake_case_tags() {
+        let e = ServerMessage::Error {
+            code: ErrorCode::TokenExpired,
+            message: "token expired".into(),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"error","code":"token_expired","message":"token expired"}"#
+        );
+        let p = ParticipantInfo {
+            sid: "1".into(),
+            identity: "a".into(),
+            name: "A".into(),
+            muted: false,
+            speaking: true,
+            publishing: true,
+        };
+        let u = serde_json::to_value(ServerMessage::ParticipantUpdated { participant: p }).unwrap();
+        assert_eq!(u["type"], "participant_updated");
+        assert_eq!(u["participant"]["speaking"], true);
+    }
+
+    #[test]
+    fn error_code_strings_match_serde() {
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::MessageTooLarge,
+            ErrorCode::InvalidToken,
+            ErrorCode::TokenExpired,
+            ErrorCode::Forbidden,
+            ErrorCode::NotJoined,
+            ErrorCode::AlreadyJoined,
+            ErrorCode::InvalidSdp,
+            ErrorCode::InvalidCandidate,
+            ErrorCode::NoMediaNode,
+            ErrorCode::RateLimited,
+            ErrorCode::UnsupportedProtocol,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
+}

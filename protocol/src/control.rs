@@ -1,0 +1,118 @@
+//! Signaling ↔ SFU node control messages (QUIC, one bidirectional stream per node,
+//! length-prefixed JSON frames; see [`crate::framing`]). See `docs/control-protocol.md`.
+//!
+//! Participants are addressed by a signaling-assigned `u64` id that is unique across the
+//! whole signaling instance, so a node never has to know room membership to route.
+
+use serde::{Deserialize, Serialize};
+
+/// Messages from signaling to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToNode {
+    /// First frame from signaling: a random nonce the node must MAC with its secret.
+    Challenge { nonce: String, version: u32 },
+    /// The node is registered and may receive participants.
+    Welcome { node_id: String },
+    /// Registration refused; signaling closes the connection after this.
+    Rejected { reason: String },
+    /// Seat a participant of `room` on this node.
+    AddParticipant {
+        participant: u64,
+        room: String,
+        identity: String,
+        publish: bool,
+        subscribe: bool,
+    },
+    /// The client's SDP offer for `participant`.
+    ClientOffer { participant: u64, sdp: String },
+    /// The client's SDP answer to an offer the node sent.
+    ClientAnswer { participant: u64, sdp: String },
+    /// A trickled ICE candidate from the client (`a=candidate` value, no prefix).
+    ClientCandidate { participant: u64, candidate: String },
+    /// Stop (or resume) forwarding this participant's audio.
+    SetMuted { participant: u64, muted: bool },
+    /// Remove a participant and free its media session.
+    RemoveParticipant { participant: u64 },
+}
+
+/// Messages from a node to signaling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromNode {
+    /// First frame from the node.
+    Hello {
+        node_id: String,
+        version: u32,
+        /// Media address(es) the node serves on, for operators' eyes.
+        media_addrs: Vec<String>,
+    },
+    /// Reply to `challenge`: hex HMAC-SHA256(node secret, "chorus-node-auth|" + nonce + "|" + node_id).
+    Auth { mac: String },
+    /// Periodic load report (every 2 s and when it changes).
+    Load { participants: u32, rooms: u32 },
+    /// SDP answer to a client offer.
+    Answer { participant: u64, sdp: String },
+    /// SDP offer to a client (renegotiation: tracks came or went).
+    Offer { participant: u64, sdp: String },
+    /// A participant's audio track started or stopped being published.
+    Track {
+        participant: u64,
+        publishing: bool,
+    },
+    /// Speaker detection result for a participant.
+    Speaking { participant: u64, speaking: bool },
+    /// The node's media session ended for this participant (ICE failed, peer misbehaved,
+    /// internal fault). Signaling removes the participant.
+    ParticipantGone { participant: u64, reason: String },
+    /// A command about `participant` failed (e.g. unparsable SDP).
+    Error {
+        participant: u64,
+        code: NodeErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeErrorCode {
+    InvalidSdp,
+    InvalidCandidate,
+    UnknownParticipant,
+    Internal,
+}
+
+/// The string a node MACs to authenticate; see [`FromNode::Auth`].
+pub fn auth_message(nonce: &str, node_id: &str) -> String {
+    format!("chorus-node-auth|{nonce}|{node_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_node_round_trips() {
+        let m = ToNode::AddParticipant {
+            participant: 7,
+            room: "lobby".into(),
+            identity: "ana".into(),
+            publish: true,
+            subscribe: true,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert!(s.starts_with(r#"{"type":"add_participant""#));
+        assert_eq!(serde_json::from_str::<ToNode>(&s).unwrap(), m);
+    }
+
+    #[test]
+    fn from_node_round_trips() {
+        let m = FromNode::Error {
+            participant: 3,
+            code: NodeErrorCode::InvalidSdp,
+            message: "no".into(),
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<FromNode>(&s).unwrap(), m);
+    }
+}

@@ -1,0 +1,23 @@
+//! Wire types shared by Chorus signaling, SFU nodes and clients.
+//!
+//! Two protocols live here, each documented in `docs/`:
+//! - [`client`]: the JSON messages a browser or native client exchanges with signaling over
+//!   a WebSocket (`docs/protocol.md`).
+//! - [`control`]: the messages signaling and an SFU node exchange over QUIC
+//!   (`docs/control-protocol.md`).
+//!
+//! This crate holds data types and framing only, so that signaling, the SFU and the
+//! native client can share them without depending on each other.
+
+pub mod client;
+pub mod control;
+pub mod framing;
+
+/// Version of the client↔signaling WebSocket protocol described in `docs/protocol.md`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Version of the signaling↔SFU control protocol described in `docs/control-protocol.md`.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// ALPN token for the control-plane QUIC connection.
+pub const CONTROL_ALPN: &[u8] = b"chorus-control/1";

@@ -1,0 +1,14 @@
+//! Chorus SFU: the media plane.
+//!
+//! Each node runs one or more workers; a worker owns a UDP socket and every participant
+//! of the rooms placed on it, with one `str0m::Rtc` (RTP mode, ICE-lite) per
+//! participant. It forwards Opus RTP between participants of a room with per-subscriber
+//! sequence/timestamp rewriting, detects active speakers from RFC 6464 audio levels, and
+//! takes orders from signaling over an authenticated QUIC control connection
+//! (`docs/control-protocol.md`).
+
+pub mod demux;
+pub mod node;
+pub mod worker;
+
+pub use node::{Node, NodeConfig};

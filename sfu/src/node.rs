@@ -1,0 +1,339 @@
+//! The SFU node's shells: worker threads around [`Worker`] cores, and the control-plane
+//! client that dials signaling, authenticates and routes commands to workers.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chorus_protocol::control::{auth_message, FromNode, NodeErrorCode, ToNode};
+use chorus_protocol::framing::{encode, FrameDecoder};
+use chorus_protocol::{CONTROL_ALPN, CONTROL_VERSION};
+use hmac::{Hmac, Mac};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::CertificateDer;
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::worker::Worker;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Unique name of this node in the fleet.
+    pub node_id: String,
+    /// Signaling's control-plane address.
+    pub signaling: SocketAddr,
+    /// PEM certificate of signaling's control listener (pinned trust).
+    pub control_ca_pem: String,
+    /// Shared node secret.
+    pub node_secret: String,
+    /// UDP address of the first worker; worker `i` binds port + i (or 0 for any).
+    pub media_listen: SocketAddr,
+    /// Addresses to advertise as ICE host candidates when `media_listen` is a wildcard.
+    pub advertise: Vec<IpAddr>,
+    pub workers: usize,
+}
+
+enum WorkerCmd {
+    Control(ToNode),
+    Reset,
+}
+
+/// A running SFU node.
+pub struct Node {
+    pub media_addrs: Vec<SocketAddr>,
+    control: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.control.abort();
+    }
+}
+
+impl Node {
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let workers = config.workers.max(1);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel::<FromNode>();
+        let mut senders = Vec::new();
+        let mut media_addrs = Vec::new();
+        for i in 0..workers {
+            let mut addr = config.media_listen;
+            if addr.port() != 0 {
+                addr.set_port(addr.port() + i as u16);
+            }
+            let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding media UDP socket {addr}"))?;
+            socket.set_nonblocking(true)?;
+            let local = socket.local_addr()?;
+            let candidates = candidate_addrs(local, &config.advertise);
+            info!(worker = i, %local, ?candidates, "media worker listening");
+            media_addrs.push(local);
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            let ev_tx = ev_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("chorus-sfu-worker-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => return error!("worker runtime failed: {e}"),
+                    };
+                    rt.block_on(run_worker(socket, Worker::new(local, candidates), rx, ev_tx));
+                })?;
+        }
+        let control = tokio::spawn(control_loop(config, senders, ev_rx, media_addrs.clone()));
+        Ok(Node { media_addrs, control })
+    }
+}
+
+/// Host candidates: the socket's own address, or the advertised IPs for a wildcard bind.
+fn candidate_addrs(local: SocketAddr, advertise: &[IpAddr]) -> Vec<SocketAddr> {
+    if !advertise.is_empty() {
+        return advertise.iter().map(|ip| SocketAddr::new(*ip, local.port())).collect();
+    }
+    if local.ip().is_unspecified() {
+        return vec![SocketAddr::new(IpAddr::from([127, 0, 0, 1]), local.port())];
+    }
+    vec![local]
+}
+
+async fn run_worker(
+    socket: std::net::UdpSocket,
+    mut worker: Worker,
+    mut cmds: mpsc::UnboundedReceiver<WorkerCmd>,
+    events: mpsc::UnboundedSender<FromNode>,
+) {
+    let socket = match tokio::net::UdpSocket::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => return error!("worker socket: {e}"),
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let deadline = worker.next_deadline(Instant::now());
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => match cmd {
+                Some(WorkerCmd::Control(c)) => worker.handle_command(Instant::now(), c),
+                Some(WorkerCmd::Reset) => worker.reset(),
+                None => break,
+            },
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, src)) => worker.handle_datagram(Instant::now(), src, &buf[..n]),
+                // ICMP port unreachable from a departed peer surfaces here; not fatal.
+                Err(e) => tracing::debug!("recv: {e}"),
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+        let now = Instant::now();
+        if worker.next_deadline(now) <= now {
+            worker.handle_timeout(now);
+        }
+        for t in worker.take_transmits() {
+            if let Err(e) = socket.send_to(&t.contents, t.destination).await {
+                tracing::debug!("send to {}: {e}", t.destination);
+            }
+        }
+        for e in worker.take_events() {
+            let _ = events.send(e);
+        }
+    }
+}
+
+fn room_worker(room: &str, n: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
+struct Routing {
+    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+    participants: HashMap<u64, (usize, String)>,
+}
+
+impl Routing {
+    fn route(&mut self, cmd: ToNode) -> Option<FromNode> {
+        let participant = match &cmd {
+            ToNode::AddParticipant { participant, room, .. } => {
+                let w = room_worker(room, self.workers.len());
+                self.participants.insert(*participant, (w, room.clone()));
+                *participant
+            }
+            ToNode::ClientOffer { participant, .. }
+            | ToNode::ClientAnswer { participant, .. }
+            | ToNode::ClientCandidate { participant, .. }
+            | ToNode::SetMuted { participant, .. }
+            | ToNode::RemoveParticipant { participant } => *participant,
+            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => return None,
+        };
+        let Some((w, _)) = self.participants.get(&participant).cloned() else {
+            return Some(FromNode::Error {
+                participant,
+                code: NodeErrorCode::UnknownParticipant,
+                message: "no such participant on this node".into(),
+            });
+        };
+        if matches!(cmd, ToNode::RemoveParticipant { .. }) {
+            self.participants.remove(&participant);
+        }
+        let _ = self.workers[w].send(WorkerCmd::Control(cmd));
+        None
+    }
+
+    fn note_event(&mut self, ev: &FromNode) {
+        if let FromNode::ParticipantGone { participant, .. } = ev {
+            self.participants.remove(participant);
+        }
+    }
+
+    fn load(&self) -> FromNode {
+        let rooms: HashSet<&String> = self.participants.values().map(|(_, r)| r).collect();
+        FromNode::Load {
+            participants: self.participants.len() as u32,
+            rooms: rooms.len() as u32,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.participants.clear();
+        for w in &self.workers {
+            let _ = w.send(WorkerCmd::Reset);
+        }
+    }
+}
+
+async fn control_loop(
+    config: NodeConfig,
+    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+    mut events: mpsc::UnboundedReceiver<FromNode>,
+    media_addrs: Vec<SocketAddr>,
+) {
+    let mut routing = Routing {
+        workers,
+        participants: HashMap::new(),
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        match control_session(&config, &mut routing, &mut events, &media_addrs).await {
+            Ok(()) => warn!("control connection to signaling closed; reconnecting"),
+            Err(e) => warn!("control connection to signaling failed: {e:#}; retrying in {backoff:?}"),
+        }
+        // Signaling forgets this node's participants when the connection drops.
+        routing.reset();
+        while events.try_recv().is_ok() {}
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn client_endpoint(config: &NodeConfig) -> anyhow::Result<quinn::Endpoint> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(config.control_ca_pem.as_bytes()) {
+        roots.add(cert.context("parsing the control CA certificate")?)?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("no certificate found in the control CA PEM");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(3)));
+    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
+    client.transport_config(Arc::new(transport));
+    let bind: SocketAddr = if config.signaling.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let mut ep = quinn::Endpoint::client(bind)?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+async fn control_session(
+    config: &NodeConfig,
+    routing: &mut Routing,
+    events: &mut mpsc::UnboundedReceiver<FromNode>,
+    media_addrs: &[SocketAddr],
+) -> anyhow::Result<()> {
+    let ep = client_endpoint(config)?;
+    let conn = ep
+        .connect(config.signaling, "chorus-control")?
+        .await
+        .with_context(|| format!("connecting to signaling at {}", config.signaling))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&encode(&FromNode::Hello {
+        node_id: config.node_id.clone(),
+        version: CONTROL_VERSION,
+        media_addrs: media_addrs.iter().map(|a| a.to_string()).collect(),
+    }))
+    .await?;
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+
+    let welcomed = async {
+        loop {
+            let msg = loop {
+                if let Some(m) = dec.next::<ToNode>()? {
+                    break m;
+                }
+                match recv.read(&mut buf).await? {
+                    Some(n) => dec.push(&buf[..n]),
+                    None => anyhow::bail!("signaling closed the control stream during the handshake"),
+                }
+            };
+            match msg {
+                ToNode::Challenge { nonce, .. } => {
+                    let mut mac = Hmac::<Sha256>::new_from_slice(config.node_secret.as_bytes())?;
+                    mac.update(auth_message(&nonce, &config.node_id).as_bytes());
+                    let mac = hex::encode(mac.finalize().into_bytes());
+                    send.write_all(&encode(&FromNode::Auth { mac })).await?;
+                }
+                ToNode::Welcome { .. } => return Ok(()),
+                ToNode::Rejected { reason } => anyhow::bail!("signaling refused this node: {reason}"),
+                other => anyhow::bail!("unexpected message during handshake: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), welcomed)
+        .await
+        .context("control handshake timed out")??;
+    info!(signaling = %config.signaling, node = %config.node_id, "registered with signaling");
+
+    let mut load_timer = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            r = recv.read(&mut buf) => {
+                match r? {
+                    Some(n) => dec.push(&buf[..n]),
+                    None => return Ok(()),
+                }
+                while let Some(cmd) = dec.next::<ToNode>()? {
+                    if let Some(reply) = routing.route(cmd) {
+                        send.write_all(&encode(&reply)).await?;
+                    }
+                }
+            }
+            ev = events.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                routing.note_event(&ev);
+                send.write_all(&encode(&ev)).await?;
+            }
+            _ = load_timer.tick() => {
+                send.write_all(&encode(&routing.load())).await?;
+            }
+        }
+    }
+}

@@ -1,0 +1,721 @@
+//! One media worker: every participant of the rooms it owns, one UDP socket, one thread.
+//!
+//! [`Worker`] is the sans-IO core: it takes datagrams, commands and time, and produces
+//! datagrams to send, control events and its next deadline. The shell in `node.rs` moves
+//! bytes between it and the socket. The worker owns its participants outright (`&mut
+//! self`, no locks): commands from the control plane arrive as messages.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use chorus_media_core::rewrite::RtpRewriter;
+use chorus_media_core::speaker::{SpeakerConfig, SpeakerDetector, SpeakerEvent};
+use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tracing::{debug, info, warn};
+
+use crate::demux::{is_stun, stun_local_ufrag};
+
+/// A datagram to send.
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// How long a participant's ICE may stay disconnected before the node gives up.
+const ICE_DISCONNECT_GRACE: Duration = Duration::from_secs(10);
+
+struct DownTrack {
+    mid: Mid,
+    rewriter: RtpRewriter,
+    /// True once the subscriber answered the offer that added this track.
+    ready: bool,
+}
+
+struct Participant {
+    id: u64,
+    room: String,
+    rtc: Rtc,
+    ufrag: String,
+    publish: bool,
+    subscribe: bool,
+    muted: bool,
+    /// The client's first offer has been answered; only after that does the node offer.
+    initial_done: bool,
+    /// The mid on which this participant's microphone arrives.
+    published: Option<Mid>,
+    /// Opus payload type negotiated with this participant.
+    opus_pt: Option<str0m::format::PayloadParams>,
+    downtracks: HashMap<u64, DownTrack>,
+    /// Tracks whose publisher left: to be stopped in the next offer.
+    stale: Vec<Mid>,
+    pending_offer: Option<SdpPendingOffer>,
+    next_timeout: Instant,
+    disconnected_since: Option<Instant>,
+}
+
+/// The media worker core.
+pub struct Worker {
+    local_addr: SocketAddr,
+    candidate_addrs: Vec<SocketAddr>,
+    participants: HashMap<u64, Participant>,
+    rooms: HashMap<String, Vec<u64>>,
+    by_ufrag: HashMap<String, u64>,
+    by_addr: HashMap<SocketAddr, u64>,
+    detector: SpeakerDetector<u64>,
+    transmits: Vec<Transmit>,
+    events: Vec<FromNode>,
+    /// Reused buffer of packets a publisher produced in one poll.
+    packets: Vec<RtpPacket>,
+    last_tick: Option<Instant>,
+    stats: WorkerStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerStats {
+    pub packets_in: u64,
+    pub packets_forwarded: u64,
+    pub datagrams_dropped: u64,
+}
+
+impl Worker {
+    /// `local_addr` is the socket's address; `candidate_addrs` are the addresses put in
+    /// SDP as host candidates (the socket address itself when it is not a wildcard).
+    pub fn new(local_addr: SocketAddr, candidate_addrs: Vec<SocketAddr>) -> Self {
+        Worker {
+            local_addr,
+            candidate_addrs,
+            participants: HashMap::new(),
+            rooms: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            detector: SpeakerDetector::new(SpeakerConfig::default()),
+            transmits: Vec::new(),
+            events: Vec::new(),
+            packets: Vec::new(),
+            last_tick: None,
+            stats: WorkerStats::default(),
+        }
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.participants.len()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.stats
+    }
+
+    pub fn take_transmits(&mut self) -> std::vec::Drain<'_, Transmit> {
+        self.transmits.drain(..)
+    }
+
+    pub fn take_events(&mut self) -> std::vec::Drain<'_, FromNode> {
+        self.events.drain(..)
+    }
+
+    /// The earliest instant at which [`Worker::handle_timeout`] must be called.
+    pub fn next_deadline(&self, now: Instant) -> Instant {
+        let tick = now + Duration::from_millis(50);
+        self.participants
+            .values()
+            .map(|p| p.next_timeout)
+            .min()
+            .map_or(tick, |t| t.min(tick))
+    }
+
+    // ---- inputs ----
+
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
+        let id = if is_stun(buf) {
+            match stun_local_ufrag(buf).and_then(|u| self.by_ufrag.get(u)).copied() {
+                Some(id) => {
+                    if self.by_addr.get(&source) != Some(&id) {
+                        self.by_addr.insert(source, id);
+                    }
+                    id
+                }
+                None => {
+                    self.stats.datagrams_dropped += 1;
+                    return;
+                }
+            }
+        } else {
+            match self.by_addr.get(&source) {
+                Some(id) => *id,
+                None => {
+                    self.stats.datagrams_dropped += 1;
+                    return;
+                }
+            }
+        };
+        let Ok(contents) = buf.try_into() else {
+            self.stats.datagrams_dropped += 1;
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local_addr,
+                contents,
+            },
+        );
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        match catch_unwind(AssertUnwindSafe(|| p.rtc.handle_input(input))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(participant = id, "input rejected: {e}"),
+            Err(_) => {
+                self.fail(id, "internal error in media session");
+                return;
+            }
+        }
+        self.drive(id, now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .participants
+            .values()
+            .filter(|p| p.next_timeout <= now)
+            .map(|p| p.id)
+            .collect();
+        for id in due {
+            let Some(p) = self.participants.get_mut(&id) else {
+                continue;
+            };
+            match catch_unwind(AssertUnwindSafe(|| p.rtc.handle_input(Input::Timeout(now)))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(participant = id, "timeout input failed: {e}"),
+                Err(_) => {
+                    self.fail(id, "internal error in media session");
+                    continue;
+                }
+            }
+            self.drive(id, now);
+        }
+        if self.last_tick.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20)) {
+            self.last_tick = Some(now);
+            self.detector.tick(now);
+            self.flush_speaker_events();
+            let gone: Vec<u64> = self
+                .participants
+                .values()
+                .filter(|p| p.disconnected_since.is_some_and(|t| now.saturating_duration_since(t) >= ICE_DISCONNECT_GRACE))
+                .map(|p| p.id)
+                .collect();
+            for id in gone {
+                self.fail(id, "media connection lost (ICE disconnected)");
+            }
+        }
+    }
+
+    pub fn handle_command(&mut self, now: Instant, cmd: ToNode) {
+        match cmd {
+            ToNode::AddParticipant {
+                participant,
+                room,
+                identity,
+                publish,
+                subscribe,
+            } => self.add(now, participant, room, &identity, publish, subscribe),
+            ToNode::RemoveParticipant { participant } => self.remove(participant),
+            ToNode::ClientOffer { participant, sdp } => self.client_offer(now, participant, &sdp),
+            ToNode::ClientAnswer { participant, sdp } => self.client_answer(now, participant, &sdp),
+            ToNode::ClientCandidate { participant, candidate } => {
+                let Some(p) = self.participants.get_mut(&participant) else {
+                    return self.unknown(participant);
+                };
+                match Candidate::from_sdp_string(&candidate) {
+                    Ok(c) => p.rtc.add_remote_candidate(c),
+                    Err(e) => self.events.push(FromNode::Error {
+                        participant,
+                        code: NodeErrorCode::InvalidCandidate,
+                        message: format!("could not parse ICE candidate: {e}"),
+                    }),
+                }
+                self.drive(participant, now);
+            }
+            ToNode::SetMuted { participant, muted } => {
+                if let Some(p) = self.participants.get_mut(&participant) {
+                    p.muted = muted;
+                    if muted {
+                        self.detector.remove(participant);
+                        self.flush_speaker_events();
+                    }
+                }
+            }
+            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {}
+        }
+    }
+
+    /// Drops every participant (the control connection was lost: signaling has already
+    /// forgotten them).
+    pub fn reset(&mut self) {
+        let ids: Vec<u64> = self.participants.keys().copied().collect();
+        for id in ids {
+            self.remove(id);
+        }
+        self.events.clear();
+    }
+
+    // ---- participants ----
+
+    fn add(&mut self, now: Instant, id: u64, room: String, identity: &str, publish: bool, subscribe: bool) {
+        if self.participants.contains_key(&id) {
+            return;
+        }
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .build(now);
+        for addr in &self.candidate_addrs {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!("unusable candidate address {addr}: {e}"),
+            }
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        info!(participant = id, %room, identity, "participant added");
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.rooms.entry(room.clone()).or_default().push(id);
+        self.participants.insert(
+            id,
+            Participant {
+                id,
+                room,
+                rtc,
+                ufrag,
+                publish,
+                subscribe,
+                muted: false,
+                initial_done: false,
+                published: None,
+                opus_pt: None,
+                downtracks: HashMap::new(),
+                stale: Vec::new(),
+                pending_offer: None,
+                next_timeout: now,
+                disconnected_since: None,
+            },
+        );
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(p) = self.participants.remove(&id) else {
+            return;
+        };
+        info!(participant = id, "participant removed");
+        self.by_ufrag.remove(&p.ufrag);
+        self.by_addr.retain(|_, v| *v != id);
+        self.detector.remove(id);
+        self.flush_speaker_events();
+        let mut peers = Vec::new();
+        if let Some(members) = self.rooms.get_mut(&p.room) {
+            members.retain(|m| *m != id);
+            if members.is_empty() {
+                self.rooms.remove(&p.room);
+            } else {
+                peers = members.clone();
+            }
+        }
+        // Subscribers of the leaver drop its track in their next offer.
+        let now = Instant::now();
+        for s in peers {
+            if let Some(sp) = self.participants.get_mut(&s) {
+                if let Some(dt) = sp.downtracks.remove(&id) {
+                    sp.stale.push(dt.mid);
+                }
+            }
+            self.maybe_offer(s, now);
+            self.drive(s, now);
+        }
+    }
+
+    fn unknown(&mut self, participant: u64) {
+        self.events.push(FromNode::Error {
+            participant,
+            code: NodeErrorCode::UnknownParticipant,
+            message: "no such participant on this node".into(),
+        });
+    }
+
+    /// Removes a participant after a fault and tells signaling why.
+    fn fail(&mut self, id: u64, reason: &str) {
+        warn!(participant = id, reason, "dropping participant");
+        self.remove(id);
+        self.events.push(FromNode::ParticipantGone {
+            participant: id,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn client_offer(&mut self, now: Instant, id: u64, sdp: &str) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return self.unknown(id);
+        };
+        let offer = match SdpOffer::from_sdp_string(sdp) {
+            Ok(o) => o,
+            Err(e) => {
+                return self.events.push(FromNode::Error {
+                    participant: id,
+                    code: NodeErrorCode::InvalidSdp,
+                    message: format!("offer is not valid SDP: {e}"),
+                })
+            }
+        };
+        // A client offer while ours is outstanding: theirs wins, ours is redone later.
+        if p.pending_offer.take().is_some() {
+            for dt in p.downtracks.values_mut().filter(|d| !d.ready) {
+                dt.ready = false;
+            }
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| p.rtc.sdp_api().accept_offer(offer)));
+        match result {
+            Ok(Ok(answer)) => {
+                p.initial_done = true;
+                p.opus_pt = opus_params(&p.rtc);
+                self.events.push(FromNode::Answer {
+                    participant: id,
+                    sdp: answer.to_sdp_string(),
+                });
+            }
+            Ok(Err(e)) => {
+                return self.events.push(FromNode::Error {
+                    participant: id,
+                    code: NodeErrorCode::InvalidSdp,
+                    message: format!("offer could not be negotiated: {e}"),
+                })
+            }
+            Err(_) => return self.fail(id, "internal error negotiating the offer"),
+        }
+        self.drive(id, now);
+        self.subscribe_all(id, now);
+    }
+
+    fn client_answer(&mut self, now: Instant, id: u64, sdp: &str) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return self.unknown(id);
+        };
+        let Some(pending) = p.pending_offer.take() else {
+            return self.events.push(FromNode::Error {
+                participant: id,
+                code: NodeErrorCode::InvalidSdp,
+                message: "an answer arrived but no offer is outstanding".into(),
+            });
+        };
+        let answer = match SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(e) => {
+                // Keep the offer outstanding so a corrected answer can still complete it.
+                p.pending_offer = Some(pending);
+                return self.events.push(FromNode::Error {
+                    participant: id,
+                    code: NodeErrorCode::InvalidSdp,
+                    message: format!("answer is not valid SDP: {e}"),
+                });
+            }
+        };
+        match catch_unwind(AssertUnwindSafe(|| p.rtc.sdp_api().accept_answer(pending, answer))) {
+            Ok(Ok(())) => {
+                debug!(participant = id, "client answer applied");
+                p.opus_pt = opus_params(&p.rtc).or(p.opus_pt);
+                for dt in p.downtracks.values_mut() {
+                    dt.ready = true;
+                }
+            }
+            Ok(Err(e)) => {
+                self.events.push(FromNode::Error {
+                    participant: id,
+                    code: NodeErrorCode::InvalidSdp,
+                    message: format!("answer could not be applied: {e}"),
+                });
+                // Our offer was discarded; tracks it added must be offered again.
+                p.downtracks.retain(|_, d| d.ready);
+            }
+            Err(_) => return self.fail(id, "internal error applying the answer"),
+        }
+        self.drive(id, now);
+        self.maybe_offer(id, now);
+        self.drive(id, now);
+    }
+
+    /// Makes sure subscriber `id` gets every publisher in its room, and every other
+    /// subscriber gets `id` if it publishes.
+    fn subscribe_all(&mut self, id: u64, now: Instant) {
+        let Some(room) = self.participants.get(&id).map(|p| p.room.clone()) else {
+            return;
+        };
+        let members = self.rooms.get(&room).cloned().unwrap_or_default();
+        for m in members {
+            self.maybe_offer(m, now);
+            self.drive(m, now);
+        }
+    }
+
+    /// Sends subscriber `id` an offer if its set of tracks is out of date and no
+    /// negotiation is in flight.
+    fn maybe_offer(&mut self, id: u64, _now: Instant) {
+        let publishers: Vec<u64> = match self.participants.get(&id) {
+            Some(p) if p.initial_done && p.pending_offer.is_none() && p.subscribe => self
+                .rooms
+                .get(&p.room)
+                .map(|ms| {
+                    ms.iter()
+                        .copied()
+                        .filter(|m| *m != id)
+                        .filter(|m| self.participants.get(m).is_some_and(|o| o.published.is_some() && o.publish))
+                        .filter(|m| !p.downtracks.contains_key(m))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Some(p) if p.initial_done && p.pending_offer.is_none() && !p.stale.is_empty() => Vec::new(),
+            _ => return,
+        };
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        if publishers.is_empty() && p.stale.is_empty() {
+            return;
+        }
+        let stale = std::mem::take(&mut p.stale);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut api = p.rtc.sdp_api();
+            for mid in &stale {
+                api.stop_media(*mid);
+            }
+            let mids: Vec<(u64, Mid)> = publishers
+                .iter()
+                .map(|pubid| {
+                    let mid = api.add_media(
+                        MediaKind::Audio,
+                        Direction::SendOnly,
+                        Some(format!("p{pubid}")),
+                        Some(format!("a{pubid}")),
+                        None,
+                    );
+                    (*pubid, mid)
+                })
+                .collect();
+            (api.apply(), mids)
+        }));
+        match result {
+            Ok((applied, mids)) => {
+                for (pubid, mid) in mids {
+                    p.downtracks.insert(
+                        pubid,
+                        DownTrack {
+                            mid,
+                            rewriter: RtpRewriter::new(48_000),
+                            ready: false,
+                        },
+                    );
+                }
+                if let Some((offer, pending)) = applied {
+                    debug!(participant = id, ?publishers, stale = stale.len(), "offering track changes");
+                    p.pending_offer = Some(pending);
+                    self.events.push(FromNode::Offer {
+                        participant: id,
+                        sdp: offer.to_sdp_string(),
+                    });
+                }
+            }
+            Err(_) => self.fail(id, "internal error creating an offer"),
+        }
+    }
+
+    /// Polls a participant's `Rtc` until it only has a timeout left, handling events
+    /// and forwarding any audio it received.
+    fn drive(&mut self, id: u64, now: Instant) {
+        let mut newly_published = false;
+        loop {
+            let Some(p) = self.participants.get_mut(&id) else {
+                return;
+            };
+            let out = match catch_unwind(AssertUnwindSafe(|| p.rtc.poll_output())) {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    return self.fail(id, &format!("media session error: {e}"));
+                }
+                Err(_) => return self.fail(id, "internal error in media session"),
+            };
+            match out {
+                Output::Timeout(t) => {
+                    p.next_timeout = t;
+                    break;
+                }
+                Output::Transmit(t) => self.transmits.push(Transmit {
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                }),
+                Output::Event(ev) => match ev {
+                    Event::RtpPacket(pkt) => self.packets.push(pkt),
+                    Event::MediaAdded(m) => {
+                        debug!(participant = id, mid = %m.mid, kind = ?m.kind, direction = ?m.direction, "media added");
+                        if m.kind == MediaKind::Audio && matches!(m.direction, Direction::RecvOnly | Direction::SendRecv) && p.published.is_none() {
+                            p.published = Some(m.mid);
+                            newly_published = true;
+                            if p.publish {
+                                self.events.push(FromNode::Track {
+                                    participant: id,
+                                    publishing: true,
+                                });
+                            }
+                        }
+                    }
+                    Event::IceConnectionStateChange(state) => {
+                        debug!(participant = id, ?state, "ICE state");
+                        match state {
+                            IceConnectionState::Disconnected => p.disconnected_since = Some(now),
+                            _ => p.disconnected_since = None,
+                        }
+                    }
+                    Event::Connected => info!(participant = id, "media connected"),
+                    _ => {}
+                },
+            }
+        }
+        if !self.packets.is_empty() {
+            let mut packets = std::mem::take(&mut self.packets);
+            for pkt in packets.drain(..) {
+                self.forward(id, &pkt, now);
+            }
+            // Keep the buffer's capacity for the next burst.
+            self.packets = packets;
+        }
+        if newly_published {
+            // str0m reports the publisher's track on a later poll than the one that
+            // accepted its offer, so subscribers are offered the new track from here.
+            self.subscribe_all(id, now);
+        }
+    }
+
+    /// Forwards one publisher packet to every subscriber in its room.
+    fn forward(&mut self, from: u64, pkt: &RtpPacket, now: Instant) {
+        self.stats.packets_in += 1;
+        let Some(p) = self.participants.get(&from) else {
+            return;
+        };
+        if !p.publish || p.muted {
+            return;
+        }
+        if p.opus_pt.is_some_and(|pt| pt.pt() != pkt.header.payload_type) {
+            return;
+        }
+        if let Some(level) = pkt.header.ext_vals.audio_level {
+            self.detector.observe(from, level.unsigned_abs().min(127), now);
+        }
+        let room = p.room.clone();
+        let Some(members) = self.rooms.get(&room) else {
+            return;
+        };
+        // Each subscriber is driven right after its write so str0m sends at once.
+        for i in 0..members.len() {
+            let Some(sid) = self.rooms.get(&room).and_then(|m| m.get(i)).copied() else {
+                break;
+            };
+            if sid == from {
+                continue;
+            }
+            let Some(s) = self.participants.get_mut(&sid) else {
+                continue;
+            };
+            let Some(pt) = s.opus_pt.map(|p| p.pt()) else {
+                continue;
+            };
+            let Some(dt) = s.downtracks.get_mut(&from) else {
+                continue;
+            };
+            if !dt.ready {
+                continue;
+            }
+            let Some(rw) = dt.rewriter.rewrite(*pkt.header.ssrc, pkt.header.sequence_number, pkt.header.timestamp, now) else {
+                continue;
+            };
+            let mid = dt.mid;
+            let ext = ExtensionValues {
+                audio_level: pkt.header.ext_vals.audio_level,
+                voice_activity: pkt.header.ext_vals.voice_activity,
+                ..Default::default()
+            };
+            let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, pkt.payload.clone())
+                .marker(pkt.header.marker)
+                .ext_vals(ext);
+            let wrote = catch_unwind(AssertUnwindSafe(|| {
+                let mut api = s.rtc.direct_api();
+                match api.stream_tx_by_mid(mid, None) {
+                    Some(tx) => {
+                        tx.write_rtp(write);
+                        true
+                    }
+                    None => false,
+                }
+            }));
+            match wrote {
+                Ok(true) => {
+                    self.stats.packets_forwarded += 1;
+                    self.drive_transmits_only(sid);
+                }
+                Ok(false) => {}
+                Err(_) => self.fail(sid, "internal error forwarding audio"),
+            }
+        }
+        self.flush_speaker_events();
+    }
+
+    /// After a write, collect what the subscriber's `Rtc` wants to send. Events other
+    /// than transmits are left for the subscriber's own next drive (there are none in
+    /// practice after a write).
+    fn drive_transmits_only(&mut self, id: u64) {
+        loop {
+            let Some(p) = self.participants.get_mut(&id) else {
+                return;
+            };
+            match catch_unwind(AssertUnwindSafe(|| p.rtc.poll_output())) {
+                Ok(Ok(Output::Transmit(t))) => self.transmits.push(Transmit {
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                }),
+                Ok(Ok(Output::Timeout(t))) => {
+                    p.next_timeout = t;
+                    return;
+                }
+                Ok(Ok(Output::Event(_))) => {}
+                Ok(Err(e)) => return self.fail(id, &format!("media session error: {e}")),
+                Err(_) => return self.fail(id, "internal error in media session"),
+            }
+        }
+    }
+
+    fn flush_speaker_events(&mut self) {
+        while let Some(ev) = self.detector.poll_event() {
+            let (participant, speaking) = match ev {
+                SpeakerEvent::Started(p) => (p, true),
+                SpeakerEvent::Stopped(p) => (p, false),
+            };
+            self.events.push(FromNode::Speaking { participant, speaking });
+        }
+    }
+}
+
+fn opus_params(rtc: &Rtc) -> Option<str0m::format::PayloadParams> {
+    rtc.codec_config().iter().find(|p| p.spec().codec == Codec::Opus).copied()
+}

@@ -1,0 +1,136 @@
+//! HTTP routes: the WebSocket endpoint, health, metrics, the embedded web client and,
+//! in dev mode only, the token endpoint the web page uses to join without a backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chorus_protocol::client::Grants;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::hub::Hub;
+use crate::token::{mint, participant_claims, TokenVerifier};
+use crate::ws::{session, HARD_FRAME_LIMIT};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub verifier: Arc<TokenVerifier>,
+    /// `Some((key, secret))` in dev mode: enables `POST /dev/token`.
+    pub dev_key: Option<Arc<(String, String)>>,
+}
+
+// The web client is compiled in, so a single binary serves everything.
+const INDEX_HTML: &str = include_str!("../../clients/web/index.html");
+const APP_JS: &str = include_str!("../../clients/web/app.js");
+const SDK_JS: &str = include_str!("../../clients/web/chorus-sdk.js");
+const STYLE_CSS: &str = include_str!("../../clients/web/style.css");
+
+pub fn router(state: AppState) -> Router {
+    let mut r = Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/index.html", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/chorus-sdk.js", get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(ws_upgrade));
+    if state.dev_key.is_some() {
+        r = r.route("/dev/token", post(dev_token));
+    }
+    r.with_state(state)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+async fn ws_upgrade(ws: WebSocketUpgrade, State(st): State<AppState>) -> Response {
+    ws.max_message_size(HARD_FRAME_LIMIT)
+        .max_frame_size(HARD_FRAME_LIMIT)
+        .on_upgrade(move |socket| session(socket, st.hub, st.verifier))
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let s = st.hub.stats();
+    let body = format!(
+        "# HELP chorus_signaling_rooms Rooms with at least one seat.\n# TYPE chorus_signaling_rooms gauge\nchorus_signaling_rooms {}\n\
+         # HELP chorus_signaling_participants Seats, including those in their reconnect grace period.\n# TYPE chorus_signaling_participants gauge\nchorus_signaling_participants {}\n\
+         # HELP chorus_signaling_sessions Seats with a connected WebSocket.\n# TYPE chorus_signaling_sessions gauge\nchorus_signaling_sessions {}\n\
+         # HELP chorus_signaling_nodes Connected SFU nodes.\n# TYPE chorus_signaling_nodes gauge\nchorus_signaling_nodes {}\n",
+        s.rooms, s.participants, s.connected_sessions, s.nodes
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[derive(Deserialize)]
+struct DevTokenRequest {
+    name: String,
+    room: String,
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"code": "bad_request", "message": message})),
+    )
+        .into_response()
+}
+
+/// Room names are shown in URLs and logs; keep them to a safe, readable alphabet.
+pub fn valid_room_name(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= 64
+        && room.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+async fn dev_token(State(st): State<AppState>, body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Some(key) = st.dev_key.as_ref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(&format!("expected JSON {{\"name\", \"room\"}}: {e}")),
+    };
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > 64 {
+        return bad_request("name must be 1 to 64 characters");
+    }
+    if !valid_room_name(&req.room) {
+        return bad_request("room must be 1 to 64 characters of letters, digits, '-', '_' or '.'");
+    }
+    let slug: String = name
+        .chars()
+        .filter_map(|c| {
+            if c.is_ascii_alphanumeric() {
+                Some(c.to_ascii_lowercase())
+            } else if c == ' ' || c == '-' || c == '_' {
+                Some('-')
+            } else {
+                None
+            }
+        })
+        .take(32)
+        .collect();
+    let slug = if slug.is_empty() { "guest".to_string() } else { slug };
+    // Two tabs with the same name are two people; a short random suffix keeps them apart.
+    let identity = format!("{slug}-{:04x}", rand::random::<u16>());
+    let claims = participant_claims(
+        &key.0,
+        &req.room,
+        &identity,
+        Some(name),
+        Duration::from_secs(6 * 3600),
+        Grants::default_participant(),
+    );
+    match mint(&claims, &key.1) {
+        Ok(token) => Json(json!({"token": token, "identity": identity, "room": req.room})).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("minting failed: {e}")).into_response(),
+    }
+}

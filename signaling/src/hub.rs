@@ -1,0 +1,540 @@
+//! Rooms, participants, presence and node placement: the state signaling owns.
+//!
+//! One `Hub` per signaling process. Its state sits behind one mutex that is never held
+//! across an `.await`; this is the control plane (a few messages per participant per
+//! second), not the media path, so a lock is the simple and right tool here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chorus_protocol::client::{ErrorCode, Grants, IceServer, ParticipantInfo, ServerMessage};
+use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
+use chorus_protocol::PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::token::Claims;
+
+/// What the WebSocket writer task of one session is asked to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Msg(ServerMessage),
+    /// Send a close frame with this code and reason, then stop.
+    Close(u16, String),
+}
+
+pub type SessionTx = mpsc::Sender<Outbound>;
+
+/// Queue length per client socket; a client this far behind is not reading and is cut.
+pub const SESSION_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub reconnect_grace: Duration,
+    /// ICE servers every client gets (STUN, static TURN).
+    pub ice_servers: Vec<IceServer>,
+    /// TURN REST credentials minted per join.
+    pub turn: Option<TurnRest>,
+}
+
+/// TURN REST API (shared secret) settings: signaling mints a username/password pair per
+/// join that the TURN relay verifies with the same secret.
+#[derive(Debug, Clone)]
+pub struct TurnRest {
+    pub urls: Vec<String>,
+    pub secret: String,
+    pub ttl: Duration,
+}
+
+impl TurnRest {
+    pub fn credentials(&self, identity: &str) -> IceServer {
+        use base64::Engine;
+        use hmac::{Hmac, Mac};
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + self.ttl.as_secs();
+        let username = format!("{expiry}:{identity}");
+        let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(self.secret.as_bytes())
+            .expect("HMAC accepts keys of any length");
+        mac.update(username.as_bytes());
+        let credential = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        IceServer {
+            urls: self.urls.clone(),
+            username: Some(username),
+            credential: Some(credential),
+        }
+    }
+}
+
+struct Session {
+    conn: u64,
+    tx: SessionTx,
+}
+
+struct Participant {
+    id: u64,
+    room: String,
+    identity: String,
+    name: String,
+    grants: Grants,
+    muted: bool,
+    speaking: bool,
+    publishing: bool,
+    node: String,
+    session: Option<Session>,
+    /// Bumped on every disconnect so a stale grace timer does not remove a seat that
+    /// was resumed (and perhaps dropped again) in the meantime.
+    disconnect_epoch: u64,
+}
+
+impl Participant {
+    fn info(&self) -> ParticipantInfo {
+        ParticipantInfo {
+            sid: self.id.to_string(),
+            identity: self.identity.clone(),
+            name: self.name.clone(),
+            muted: self.muted,
+            speaking: self.speaking,
+            publishing: self.publishing,
+        }
+    }
+
+    fn send(&self, msg: ServerMessage) {
+        if let Some(s) = &self.session {
+            if s.tx.try_send(Outbound::Msg(msg)).is_err() {
+                warn!(participant = self.id, "client queue full or closed; message dropped");
+            }
+        }
+    }
+}
+
+struct Room {
+    node: String,
+    participants: BTreeSet<u64>,
+}
+
+struct Node {
+    tx: mpsc::UnboundedSender<ToNode>,
+    participants: usize,
+    reported_participants: u32,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    rooms: HashMap<String, Room>,
+    participants: HashMap<u64, Participant>,
+    nodes: HashMap<String, Node>,
+}
+
+pub struct Hub {
+    config: HubConfig,
+    state: Mutex<State>,
+}
+
+/// A successful join: the seat's id and the `joined` message to send.
+pub struct Joined {
+    pub participant: u64,
+    pub message: ServerMessage,
+}
+
+pub type HubError = (ErrorCode, String);
+
+/// Aggregate figures for `/metrics` and the admin view.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HubStats {
+    pub rooms: usize,
+    pub participants: usize,
+    pub connected_sessions: usize,
+    pub nodes: usize,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Arc<Self> {
+        Arc::new(Hub {
+            config,
+            state: Mutex::new(State {
+                next_id: 1,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug in this file; keep serving with
+        // the data as it is rather than taking the whole front door down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> HubStats {
+        let st = self.lock();
+        HubStats {
+            rooms: st.rooms.len(),
+            participants: st.participants.len(),
+            connected_sessions: st.participants.values().filter(|p| p.session.is_some()).count(),
+            nodes: st.nodes.len(),
+        }
+    }
+
+    /// Seats the token's identity in the token's room (or takes back its seat).
+    pub fn join(&self, claims: &Claims, resume: bool, conn: u64, tx: SessionTx) -> Result<Joined, HubError> {
+        let mut st = self.lock();
+        let existing = st
+            .rooms
+            .get(&claims.room)
+            .and_then(|r| {
+                r.participants
+                    .iter()
+                    .find(|id| st.participants.get(id).is_some_and(|p| p.identity == claims.sub))
+            })
+            .copied();
+
+        if let Some(id) = existing {
+            if resume {
+                let p = st.participants.get_mut(&id).ok_or((ErrorCode::Internal, "seat vanished".into()))?;
+                if let Some(old) = p.session.take() {
+                    // The old socket is presumably dead; make sure its writer stops.
+                    let _ = old.tx.try_send(Outbound::Close(4001, "resumed elsewhere".into()));
+                }
+                p.session = Some(Session { conn, tx });
+                p.grants = claims.grants;
+                info!(participant = id, room = %claims.room, identity = %claims.sub, "seat resumed");
+                let message = joined_message(&st, &self.config, id, true);
+                return Ok(Joined { participant: id, message });
+            }
+            if let Some(p) = st.participants.get(&id) {
+                if let Some(s) = &p.session {
+                    let _ = s.tx.try_send(Outbound::Msg(ServerMessage::Left { reason: "replaced".into() }));
+                    let _ = s.tx.try_send(Outbound::Close(4000, "replaced by a newer join".into()));
+                }
+            }
+            remove_locked(&mut st, id, "replaced");
+        }
+
+        let node = match st.rooms.get(&claims.room) {
+            Some(r) if st.nodes.contains_key(&r.node) => r.node.clone(),
+            _ => st
+                .nodes
+                .iter()
+                .min_by_key(|(id, n)| (n.participants, n.reported_participants, (*id).clone()))
+                .map(|(id, _)| id.clone())
+                .ok_or((
+                    ErrorCode::NoMediaNode,
+                    "no media server is connected; try again in a moment".to_string(),
+                ))?,
+        };
+
+        let id = st.next_id;
+        st.next_id += 1;
+        let p = Participant {
+            id,
+            room: claims.room.clone(),
+            identity: claims.sub.clone(),
+            name: claims.display_name().to_string(),
+            grants: claims.grants,
+            muted: false,
+            speaking: false,
+            publishing: false,
+            node: node.clone(),
+            session: Some(Session { conn, tx }),
+            disconnect_epoch: 0,
+        };
+        let info = p.info();
+        if let Some(n) = st.nodes.get_mut(&node) {
+            n.participants += 1;
+            let _ = n.tx.send(ToNode::AddParticipant {
+                participant: id,
+                room: claims.room.clone(),
+                identity: claims.sub.clone(),
+                publish: claims.grants.publish,
+                subscribe: claims.grants.subscribe,
+            });
+        }
+        st.participants.insert(id, p);
+        let room = st.rooms.entry(claims.room.clone()).or_insert_with(|| Room {
+            node: node.clone(),
+            participants: BTreeSet::new(),
+        });
+        room.node = node.clone();
+        room.participants.insert(id);
+        broadcast_locked(&st, &claims.room, Some(id), ServerMessage::ParticipantJoined { participant: info });
+        info!(participant = id, room = %claims.room, identity = %claims.sub, node = %node, "joined");
+        let message = joined_message(&st, &self.config, id, false);
+        Ok(Joined { participant: id, message })
+    }
+
+    /// Relays a client's SDP/ICE to the participant's node. Returns an error for the
+    /// client when the seat is gone.
+    pub fn to_node(&self, participant: u64, conn: u64, msg: ToNode) -> Result<(), HubError> {
+        let st = self.lock();
+        let p = owned(&st, participant, conn)?;
+        let node = st
+            .nodes
+            .get(&p.node)
+            .ok_or((ErrorCode::NoMediaNode, "the media server for this room went away".into()))?;
+        let _ = node.tx.send(msg);
+        Ok(())
+    }
+
+    pub fn set_muted(&self, participant: u64, conn: u64, muted: bool) -> Result<(), HubError> {
+        let mut st = self.lock();
+        owned(&st, participant, conn)?;
+        let (room, info, node) = {
+            let Some(p) = st.participants.get_mut(&participant) else {
+                return Ok(());
+            };
+            if p.muted == muted {
+                return Ok(());
+            }
+            p.muted = muted;
+            if muted {
+                p.speaking = false;
+            }
+            (p.room.clone(), p.info(), p.node.clone())
+        };
+        if let Some(n) = st.nodes.get(&node) {
+            let _ = n.tx.send(ToNode::SetMuted { participant, muted });
+        }
+        broadcast_locked(&st, &room, None, ServerMessage::ParticipantUpdated { participant: info });
+        Ok(())
+    }
+
+    /// The client left on purpose.
+    pub fn leave(&self, participant: u64, conn: u64) {
+        let mut st = self.lock();
+        if owned(&st, participant, conn).is_ok() {
+            remove_locked(&mut st, participant, "left");
+        }
+    }
+
+    /// The client's socket dropped: keep the seat for the grace period.
+    pub fn disconnected(self: &Arc<Self>, participant: u64, conn: u64) {
+        let epoch = {
+            let mut st = self.lock();
+            let Some(p) = st.participants.get_mut(&participant) else {
+                return;
+            };
+            if p.session.as_ref().map(|s| s.conn) != Some(conn) {
+                return;
+            }
+            p.session = None;
+            p.disconnect_epoch += 1;
+            p.disconnect_epoch
+        };
+        debug!(participant, "socket dropped; keeping the seat for the grace period");
+        let hub = self.clone();
+        let grace = self.config.reconnect_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut st = hub.lock();
+            let expired = st
+                .participants
+                .get(&participant)
+                .is_some_and(|p| p.session.is_none() && p.disconnect_epoch == epoch);
+            if expired {
+                info!(participant, "grace period over; seat freed");
+                remove_locked(&mut st, participant, "disconnected");
+            }
+        });
+    }
+
+    // ---- node side ----
+
+    pub fn register_node(&self, node_id: &str, tx: mpsc::UnboundedSender<ToNode>) -> Result<(), String> {
+        let mut st = self.lock();
+        if st.nodes.contains_key(node_id) {
+            return Err(format!("a node with id {node_id:?} is already connected"));
+        }
+        st.nodes.insert(
+            node_id.to_string(),
+            Node {
+                tx,
+                participants: 0,
+                reported_participants: 0,
+            },
+        );
+        info!(node = node_id, "media node registered");
+        Ok(())
+    }
+
+    pub fn node_gone(&self, node_id: &str) {
+        let mut st = self.lock();
+        if st.nodes.remove(node_id).is_none() {
+            return;
+        }
+        warn!(node = node_id, "media node disconnected; its participants lose their seats");
+        let ids: Vec<u64> = st.participants.values().filter(|p| p.node == node_id).map(|p| p.id).collect();
+        for id in ids {
+            if let Some(p) = st.participants.get(&id) {
+                p.send(ServerMessage::Error {
+                    code: ErrorCode::NoMediaNode,
+                    message: "the media server for this room went away; rejoin".into(),
+                });
+                p.send(ServerMessage::Left { reason: "media_failed".into() });
+            }
+            remove_locked(&mut st, id, "media_failed");
+        }
+    }
+
+    pub fn node_event(&self, node_id: &str, ev: FromNode) {
+        let mut st = self.lock();
+        match ev {
+            FromNode::Load { participants, .. } => {
+                if let Some(n) = st.nodes.get_mut(node_id) {
+                    n.reported_participants = participants;
+                }
+            }
+            FromNode::Answer { participant, sdp } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    p.send(ServerMessage::Answer { sdp });
+                }
+            }
+            FromNode::Offer { participant, sdp } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    p.send(ServerMessage::Offer { sdp });
+                }
+            }
+            FromNode::Speaking { participant, speaking } => {
+                update_locked(&mut st, participant, node_id, |p| {
+                    // A muted participant is never shown as speaking, whatever trickles in.
+                    let v = speaking && !p.muted;
+                    std::mem::replace(&mut p.speaking, v) != v
+                });
+            }
+            FromNode::Track { participant, publishing } => {
+                update_locked(&mut st, participant, node_id, |p| {
+                    std::mem::replace(&mut p.publishing, publishing) != publishing
+                });
+            }
+            FromNode::ParticipantGone { participant, reason } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    warn!(participant, %reason, "media session ended by the node");
+                    p.send(ServerMessage::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("media connection failed: {reason}"),
+                    });
+                    p.send(ServerMessage::Left { reason: "media_failed".into() });
+                    remove_locked(&mut st, participant, "media_failed");
+                }
+            }
+            FromNode::Error { participant, code, message } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    let code = match code {
+                        NodeErrorCode::InvalidSdp => ErrorCode::InvalidSdp,
+                        NodeErrorCode::InvalidCandidate => ErrorCode::InvalidCandidate,
+                        NodeErrorCode::UnknownParticipant | NodeErrorCode::Internal => ErrorCode::Internal,
+                    };
+                    p.send(ServerMessage::Error { code, message });
+                }
+            }
+            FromNode::Hello { .. } | FromNode::Auth { .. } => {
+                warn!(node = node_id, "unexpected handshake message after registration");
+            }
+        }
+    }
+}
+
+fn owned<'a>(st: &'a State, participant: u64, conn: u64) -> Result<&'a Participant, HubError> {
+    match st.participants.get(&participant) {
+        Some(p) if p.session.as_ref().map(|s| s.conn) == Some(conn) => Ok(p),
+        _ => Err((ErrorCode::NotJoined, "this session no longer holds a seat".into())),
+    }
+}
+
+fn on_node<'a>(st: &'a State, participant: u64, node_id: &str) -> Option<&'a Participant> {
+    st.participants.get(&participant).filter(|p| p.node == node_id)
+}
+
+fn update_locked(st: &mut State, participant: u64, node_id: &str, f: impl FnOnce(&mut Participant) -> bool) {
+    let Some(p) = st.participants.get_mut(&participant) else {
+        return;
+    };
+    if p.node != node_id || !f(p) {
+        return;
+    }
+    let room = p.room.clone();
+    let info = p.info();
+    broadcast_locked(st, &room, None, ServerMessage::ParticipantUpdated { participant: info });
+}
+
+fn broadcast_locked(st: &State, room: &str, except: Option<u64>, msg: ServerMessage) {
+    let Some(r) = st.rooms.get(room) else {
+        return;
+    };
+    for id in &r.participants {
+        if Some(*id) == except {
+            continue;
+        }
+        if let Some(p) = st.participants.get(id) {
+            p.send(msg.clone());
+        }
+    }
+}
+
+fn remove_locked(st: &mut State, id: u64, reason: &str) {
+    let Some(p) = st.participants.remove(&id) else {
+        return;
+    };
+    if let Some(n) = st.nodes.get_mut(&p.node) {
+        n.participants = n.participants.saturating_sub(1);
+        let _ = n.tx.send(ToNode::RemoveParticipant { participant: id });
+    }
+    if let Some(r) = st.rooms.get_mut(&p.room) {
+        r.participants.remove(&id);
+        if r.participants.is_empty() {
+            st.rooms.remove(&p.room);
+        }
+    }
+    info!(participant = id, room = %p.room, reason, "left");
+    broadcast_locked(
+        st,
+        &p.room,
+        None,
+        ServerMessage::ParticipantLeft {
+            sid: id.to_string(),
+            identity: p.identity.clone(),
+            reason: reason.to_string(),
+        },
+    );
+}
+
+fn joined_message(st: &State, config: &HubConfig, id: u64, resumed: bool) -> ServerMessage {
+    let Some(me) = st.participants.get(&id) else {
+        return ServerMessage::Error {
+            code: ErrorCode::Internal,
+            message: "seat vanished".into(),
+        };
+    };
+    let participants = st
+        .rooms
+        .get(&me.room)
+        .map(|r| {
+            r.participants
+                .iter()
+                .filter(|pid| **pid != id)
+                .filter_map(|pid| st.participants.get(pid).map(Participant::info))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ice_servers = config.ice_servers.clone();
+    if let Some(turn) = &config.turn {
+        ice_servers.push(turn.credentials(&me.identity));
+    }
+    ServerMessage::Joined {
+        protocol: PROTOCOL_VERSION,
+        room: me.room.clone(),
+        me: me.info(),
+        participants,
+        ice_servers,
+        grants: me.grants,
+        resumed,
+        reconnect_grace_secs: config.reconnect_grace.as_secs(),
+    }
+}

@@ -1,0 +1,146 @@
+//! Chorus signaling: the HTTP + WebSocket front door of a voice system.
+//!
+//! It verifies access tokens, owns rooms and presence, places each room on one SFU node
+//! (nodes dial in over an authenticated QUIC control connection), relays SDP and ICE
+//! between clients and nodes, hands out ICE servers, and serves the web client. The
+//! client protocol is `docs/protocol.md`; the node protocol is `docs/control-protocol.md`.
+
+pub mod control;
+pub mod http;
+pub mod hub;
+pub mod token;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chorus_protocol::client::IceServer;
+use tracing::info;
+
+pub use hub::{Hub, HubConfig, TurnRest};
+
+/// Everything signaling needs to run. The `chorus` binary builds this from flags.
+#[derive(Debug, Clone)]
+pub struct SignalingConfig {
+    /// HTTP/WebSocket listen address.
+    pub listen: SocketAddr,
+    /// QUIC control-plane listen address for SFU nodes.
+    pub control_listen: SocketAddr,
+    /// API key → secret pairs that may sign access tokens.
+    pub api_keys: HashMap<String, String>,
+    /// Shared secret every SFU node proves it holds.
+    pub node_secret: String,
+    /// PEM certificate and key for the control listener; a self-signed pair is made
+    /// when absent.
+    pub control_cert: Option<(PathBuf, PathBuf)>,
+    /// Serve HTTPS with this PEM certificate and key.
+    pub https: Option<(Vec<u8>, Vec<u8>)>,
+    /// `Some((key, secret))` enables `POST /dev/token`; never set outside dev mode.
+    pub dev_key: Option<(String, String)>,
+    pub reconnect_grace: Duration,
+    pub ice_servers: Vec<IceServer>,
+    pub turn: Option<TurnRest>,
+}
+
+/// A running signaling service.
+pub struct Signaling {
+    pub http_addr: SocketAddr,
+    pub control_addr: SocketAddr,
+    /// PEM of the control-plane certificate nodes must trust.
+    pub control_cert_pem: String,
+    pub hub: Arc<Hub>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Signaling {
+    /// Binds every listener and starts serving in background tasks.
+    pub async fn start(config: SignalingConfig) -> anyhow::Result<Signaling> {
+        if config.api_keys.is_empty() {
+            anyhow::bail!("no API keys configured: tokens could never be verified");
+        }
+        if config.node_secret.len() < 8 {
+            anyhow::bail!("the node secret must be at least 8 characters");
+        }
+        let hub = Hub::new(HubConfig {
+            reconnect_grace: config.reconnect_grace,
+            ice_servers: config.ice_servers.clone(),
+            turn: config.turn.clone(),
+        });
+
+        let identity = match &config.control_cert {
+            Some((c, k)) => control::ControlIdentity::from_pem_files(c, k)?,
+            None => control::ControlIdentity::self_signed()?,
+        };
+        let endpoint = control::endpoint(config.control_listen, &identity)?;
+        let control_addr = endpoint.local_addr()?;
+        let control_cert_pem = identity.cert_pem();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(control::serve(
+            endpoint,
+            hub.clone(),
+            Arc::new(config.node_secret.clone()),
+        )));
+
+        let state = http::AppState {
+            hub: hub.clone(),
+            verifier: Arc::new(token::TokenVerifier::new(config.api_keys.clone())),
+            dev_key: config.dev_key.clone().map(Arc::new),
+        };
+        let app = http::router(state);
+        let http_addr = match &config.https {
+            None => {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("binding HTTP listener on {}", config.listen))?;
+                let addr = listener.local_addr()?;
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("HTTP server stopped: {e}");
+                    }
+                }));
+                addr
+            }
+            Some((cert, key)) => {
+                let tls = axum_server::tls_rustls::RustlsConfig::from_pem(cert.clone(), key.clone())
+                    .await
+                    .context("loading HTTPS certificate")?;
+                let handle = axum_server::Handle::new();
+                let server = axum_server::bind_rustls(config.listen, tls).handle(handle.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = server.serve(app.into_make_service()).await {
+                        tracing::error!("HTTPS server stopped: {e}");
+                    }
+                }));
+                handle
+                    .listening()
+                    .await
+                    .with_context(|| format!("binding HTTPS listener on {}", config.listen))?
+            }
+        };
+        info!(%http_addr, %control_addr, "signaling listening");
+        Ok(Signaling {
+            http_addr,
+            control_addr,
+            control_cert_pem,
+            hub,
+            tasks,
+        })
+    }
+
+    /// Stops every listener.
+    pub fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Signaling {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
