@@ -25,13 +25,17 @@ mod tests {
     fn silence_is_127_and_full_scale_square_is_0() {
         assert_eq!(dbov_level(&[0; 960]), 127);
         assert_eq!(dbov_level(&[]), 127);
-        let square: Vec<i16> = (0..960).map(|i| if i % 2 == 0 { 32767 } else { -32768 }).collect();
+        let square: Vec<i16> = (0..960)
+            .map(|i| if i % 2 == 0 { 32767 } else { -32768 })
+            .collect();
         assert_eq!(dbov_level(&square), 0);
     }
 
     #[test]
     fn half_amplitude_is_about_6_db_down() {
-        let square: Vec<i16> = (0..960).map(|i| if i % 2 == 0 { 16384 } else { -16384 }).collect();
+        let square: Vec<i16> = (0..960)
+            .map(|i| if i % 2 == 0 { 16384 } else { -16384 })
+            .collect();
         assert_eq!(dbov_level(&square), 6);
     }
 }

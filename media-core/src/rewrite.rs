@@ -115,7 +115,10 @@ impl RtpRewriter {
             self.last_out_ts = out_ts;
             self.last_out_at = Some(now);
         }
-        Some(Rewritten { seq: out, ts: out_ts })
+        Some(Rewritten {
+            seq: out,
+            ts: out_ts,
+        })
     }
 
     /// Tells the rewriter the source's packets from here on continue a new run, as if the
@@ -170,12 +173,18 @@ mod tests {
         let t = Instant::now();
         let mut r = RtpRewriter::new(48000);
         let a = r.rewrite(10, 500, 1000, t).unwrap();
-        let b = r.rewrite(10, 501, 1960, t + Duration::from_millis(20)).unwrap();
+        let b = r
+            .rewrite(10, 501, 1960, t + Duration::from_millis(20))
+            .unwrap();
         assert_eq!(a, Rewritten { seq: 1, ts: 1000 });
         assert_eq!(b, Rewritten { seq: 2, ts: 1960 });
         // Reordered packet keeps its place.
-        let c = r.rewrite(10, 503, 3880, t + Duration::from_millis(60)).unwrap();
-        let d = r.rewrite(10, 502, 2920, t + Duration::from_millis(61)).unwrap();
+        let c = r
+            .rewrite(10, 503, 3880, t + Duration::from_millis(60))
+            .unwrap();
+        let d = r
+            .rewrite(10, 502, 2920, t + Duration::from_millis(61))
+            .unwrap();
         assert_eq!((c.seq, d.seq), (4, 3));
     }
 
@@ -184,7 +193,12 @@ mod tests {
         let t = Instant::now();
         let mut r = RtpRewriter::new(48000);
         for i in 0..5u16 {
-            r.rewrite(1, 100 + i, 9000 + i as u32 * 960, t + Duration::from_millis(i as u64 * 20));
+            r.rewrite(
+                1,
+                100 + i,
+                9000 + i as u32 * 960,
+                t + Duration::from_millis(i as u64 * 20),
+            );
         }
         // Last out: seq 5, ts 9000+4*960 = 12840 at t+80ms. New SSRC 100 ms later with
         // wildly different numbering.
@@ -192,8 +206,16 @@ mod tests {
         let n = r.rewrite(2, 40000, 7, at).unwrap();
         assert_eq!(n.seq, 6);
         assert_eq!(n.ts, 12840 + 4800);
-        let n2 = r.rewrite(2, 40001, 7 + 960, at + Duration::from_millis(20)).unwrap();
-        assert_eq!(n2, Rewritten { seq: 7, ts: 12840 + 4800 + 960 });
+        let n2 = r
+            .rewrite(2, 40001, 7 + 960, at + Duration::from_millis(20))
+            .unwrap();
+        assert_eq!(
+            n2,
+            Rewritten {
+                seq: 7,
+                ts: 12840 + 4800 + 960
+            }
+        );
         // A straggler from the old source is dropped, not sent with a colliding seq.
         assert_eq!(r.rewrite(1, 105, 13800, at), None);
     }
@@ -206,9 +228,15 @@ mod tests {
         r.rewrite(1, 11, 960, t + Duration::from_millis(20));
         // Packets 12..=61 are not forwarded (one second of silence), then resume.
         r.resync();
-        let n = r.rewrite(1, 62, 50 * 960 + 960, t + Duration::from_millis(1040)).unwrap();
+        let n = r
+            .rewrite(1, 62, 50 * 960 + 960, t + Duration::from_millis(1040))
+            .unwrap();
         assert_eq!(n.seq, 3, "no sequence gap after skipped packets");
-        assert_eq!(n.ts, 960 + 48960, "time advances by the 1020 ms that passed");
+        assert_eq!(
+            n.ts,
+            960 + 48960,
+            "time advances by the 1020 ms that passed"
+        );
     }
 
     #[test]
@@ -216,7 +244,9 @@ mod tests {
         let t = Instant::now();
         let mut r = RtpRewriter::new(48000);
         let a = r.rewrite(1, 1, u32::MAX - 100, t).unwrap();
-        let b = r.rewrite(1, 2, (u32::MAX - 100).wrapping_add(960), t).unwrap();
+        let b = r
+            .rewrite(1, 2, (u32::MAX - 100).wrapping_add(960), t)
+            .unwrap();
         assert_eq!(b.ts, a.ts.wrapping_add(960));
     }
 }

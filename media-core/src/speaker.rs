@@ -170,7 +170,10 @@ mod tests {
         let ev = run(&levels, 3000);
         assert_eq!(
             ev,
-            vec![(60, SpeakerEvent::Started(1)), (1580, SpeakerEvent::Stopped(1))]
+            vec![
+                (60, SpeakerEvent::Started(1)),
+                (1580, SpeakerEvent::Stopped(1))
+            ]
         );
     }
 
@@ -192,7 +195,10 @@ mod tests {
         let ev = run(&levels, 2000);
         assert_eq!(
             ev,
-            vec![(60, SpeakerEvent::Started(1)), (1380, SpeakerEvent::Stopped(1))]
+            vec![
+                (60, SpeakerEvent::Started(1)),
+                (1380, SpeakerEvent::Stopped(1))
+            ]
         );
     }
 
@@ -203,7 +209,10 @@ mod tests {
         let ev = run(&levels, 2000);
         assert_eq!(
             ev,
-            vec![(60, SpeakerEvent::Started(1)), (1080, SpeakerEvent::Stopped(1))]
+            vec![
+                (60, SpeakerEvent::Started(1)),
+                (1080, SpeakerEvent::Stopped(1))
+            ]
         );
     }
 

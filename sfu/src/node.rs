@@ -65,7 +65,8 @@ impl Node {
             if addr.port() != 0 {
                 addr.set_port(addr.port() + i as u16);
             }
-            let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding media UDP socket {addr}"))?;
+            let socket = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("binding media UDP socket {addr}"))?;
             socket.set_nonblocking(true)?;
             let local = socket.local_addr()?;
             let candidates = candidate_addrs(local, &config.advertise);
@@ -77,22 +78,36 @@ impl Node {
             std::thread::Builder::new()
                 .name(format!("chorus-sfu-worker-{i}"))
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         Ok(rt) => rt,
                         Err(e) => return error!("worker runtime failed: {e}"),
                     };
-                    rt.block_on(run_worker(socket, Worker::new(local, candidates), rx, ev_tx));
+                    rt.block_on(run_worker(
+                        socket,
+                        Worker::new(local, candidates),
+                        rx,
+                        ev_tx,
+                    ));
                 })?;
         }
         let control = tokio::spawn(control_loop(config, senders, ev_rx, media_addrs.clone()));
-        Ok(Node { media_addrs, control })
+        Ok(Node {
+            media_addrs,
+            control,
+        })
     }
 }
 
 /// Host candidates: the socket's own address, or the advertised IPs for a wildcard bind.
 fn candidate_addrs(local: SocketAddr, advertise: &[IpAddr]) -> Vec<SocketAddr> {
     if !advertise.is_empty() {
-        return advertise.iter().map(|ip| SocketAddr::new(*ip, local.port())).collect();
+        return advertise
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, local.port()))
+            .collect();
     }
     if local.ip().is_unspecified() {
         return vec![SocketAddr::new(IpAddr::from([127, 0, 0, 1]), local.port())];
@@ -156,7 +171,9 @@ struct Routing {
 impl Routing {
     fn route(&mut self, cmd: ToNode) -> Option<FromNode> {
         let participant = match &cmd {
-            ToNode::AddParticipant { participant, room, .. } => {
+            ToNode::AddParticipant {
+                participant, room, ..
+            } => {
                 let w = room_worker(room, self.workers.len());
                 self.participants.insert(*participant, (w, room.clone()));
                 *participant
@@ -166,7 +183,9 @@ impl Routing {
             | ToNode::ClientCandidate { participant, .. }
             | ToNode::SetMuted { participant, .. }
             | ToNode::RemoveParticipant { participant } => *participant,
-            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => return None,
+            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {
+                return None
+            }
         };
         let Some((w, _)) = self.participants.get(&participant).cloned() else {
             return Some(FromNode::Error {
@@ -219,7 +238,9 @@ async fn control_loop(
         let started = Instant::now();
         match control_session(&config, &mut routing, &mut events, &media_addrs).await {
             Ok(()) => warn!("control connection to signaling closed; reconnecting"),
-            Err(e) => warn!("control connection to signaling failed: {e:#}; retrying in {backoff:?}"),
+            Err(e) => {
+                warn!("control connection to signaling failed: {e:#}; retrying in {backoff:?}")
+            }
         }
         // Signaling forgets this node's participants when the connection drops.
         routing.reset();
@@ -291,7 +312,9 @@ async fn control_session(
                 }
                 match recv.read(&mut buf).await? {
                     Some(n) => dec.push(&buf[..n]),
-                    None => anyhow::bail!("signaling closed the control stream during the handshake"),
+                    None => {
+                        anyhow::bail!("signaling closed the control stream during the handshake")
+                    }
                 }
             };
             match msg {
@@ -302,7 +325,9 @@ async fn control_session(
                     send.write_all(&encode(&FromNode::Auth { mac })).await?;
                 }
                 ToNode::Welcome { .. } => return Ok(()),
-                ToNode::Rejected { reason } => anyhow::bail!("signaling refused this node: {reason}"),
+                ToNode::Rejected { reason } => {
+                    anyhow::bail!("signaling refused this node: {reason}")
+                }
                 other => anyhow::bail!("unexpected message during handshake: {other:?}"),
             }
         }

@@ -139,7 +139,10 @@ impl Worker {
 
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
         let id = if is_stun(buf) {
-            match stun_local_ufrag(buf).and_then(|u| self.by_ufrag.get(u)).copied() {
+            match stun_local_ufrag(buf)
+                .and_then(|u| self.by_ufrag.get(u))
+                .copied()
+            {
                 Some(id) => {
                     if self.by_addr.get(&source) != Some(&id) {
                         self.by_addr.insert(source, id);
@@ -173,16 +176,8 @@ impl Worker {
                 contents,
             },
         );
-        let Some(p) = self.participants.get_mut(&id) else {
-            return;
-        };
-        match catch_unwind(AssertUnwindSafe(|| p.rtc.handle_input(input))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(participant = id, "input rejected: {e}"),
-            Err(_) => {
-                self.fail(id, "internal error in media session");
-                return;
-            }
+        if let Some(Err(e)) = self.guarded(id, |p| p.rtc.handle_input(input)) {
+            debug!(participant = id, "input rejected: {e}");
         }
         self.drive(id, now);
     }
@@ -195,27 +190,25 @@ impl Worker {
             .map(|p| p.id)
             .collect();
         for id in due {
-            let Some(p) = self.participants.get_mut(&id) else {
-                continue;
-            };
-            match catch_unwind(AssertUnwindSafe(|| p.rtc.handle_input(Input::Timeout(now)))) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(participant = id, "timeout input failed: {e}"),
-                Err(_) => {
-                    self.fail(id, "internal error in media session");
-                    continue;
-                }
+            if let Some(Err(e)) = self.guarded(id, |p| p.rtc.handle_input(Input::Timeout(now))) {
+                debug!(participant = id, "timeout input failed: {e}");
             }
             self.drive(id, now);
         }
-        if self.last_tick.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20)) {
+        if self
+            .last_tick
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20))
+        {
             self.last_tick = Some(now);
             self.detector.tick(now);
             self.flush_speaker_events();
             let gone: Vec<u64> = self
                 .participants
                 .values()
-                .filter(|p| p.disconnected_since.is_some_and(|t| now.saturating_duration_since(t) >= ICE_DISCONNECT_GRACE))
+                .filter(|p| {
+                    p.disconnected_since
+                        .is_some_and(|t| now.saturating_duration_since(t) >= ICE_DISCONNECT_GRACE)
+                })
                 .map(|p| p.id)
                 .collect();
             for id in gone {
@@ -236,7 +229,10 @@ impl Worker {
             ToNode::RemoveParticipant { participant } => self.remove(participant),
             ToNode::ClientOffer { participant, sdp } => self.client_offer(now, participant, &sdp),
             ToNode::ClientAnswer { participant, sdp } => self.client_answer(now, participant, &sdp),
-            ToNode::ClientCandidate { participant, candidate } => {
+            ToNode::ClientCandidate {
+                participant,
+                candidate,
+            } => {
                 let Some(p) = self.participants.get_mut(&participant) else {
                     return self.unknown(participant);
                 };
@@ -256,6 +252,14 @@ impl Worker {
                     if muted {
                         self.detector.remove(participant);
                         self.flush_speaker_events();
+                    } else {
+                        // Packets sent while muted were not forwarded: close that gap in
+                        // every subscriber's numbering.
+                        for s in self.participants.values_mut() {
+                            if let Some(dt) = s.downtracks.get_mut(&participant) {
+                                dt.rewriter.resync();
+                            }
+                        }
                     }
                 }
             }
@@ -275,7 +279,15 @@ impl Worker {
 
     // ---- participants ----
 
-    fn add(&mut self, now: Instant, id: u64, room: String, identity: &str, publish: bool, subscribe: bool) {
+    fn add(
+        &mut self,
+        now: Instant,
+        id: u64,
+        room: String,
+        identity: &str,
+        publish: bool,
+        subscribe: bool,
+    ) {
         if self.participants.contains_key(&id) {
             return;
         }
@@ -358,6 +370,20 @@ impl Worker {
         });
     }
 
+    /// Runs `f` on a participant, catching a panic inside its media session: str0m asks
+    /// callers to treat a panicking `Rtc` as dead, so the participant is removed and
+    /// everyone else carries on. `None` if the participant is unknown or panicked.
+    fn guarded<R>(&mut self, id: u64, f: impl FnOnce(&mut Participant) -> R) -> Option<R> {
+        let p = self.participants.get_mut(&id)?;
+        match catch_unwind(AssertUnwindSafe(|| f(p))) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                self.fail(id, "internal error in media session");
+                None
+            }
+        }
+    }
+
     /// Removes a participant after a fault and tells signaling why.
     fn fail(&mut self, id: u64, reason: &str) {
         warn!(participant = id, reason, "dropping participant");
@@ -434,7 +460,9 @@ impl Worker {
                 });
             }
         };
-        match catch_unwind(AssertUnwindSafe(|| p.rtc.sdp_api().accept_answer(pending, answer))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            p.rtc.sdp_api().accept_answer(pending, answer)
+        })) {
             Ok(Ok(())) => {
                 debug!(participant = id, "client answer applied");
                 p.opus_pt = opus_params(&p.rtc).or(p.opus_pt);
@@ -482,12 +510,18 @@ impl Worker {
                     ms.iter()
                         .copied()
                         .filter(|m| *m != id)
-                        .filter(|m| self.participants.get(m).is_some_and(|o| o.published.is_some() && o.publish))
+                        .filter(|m| {
+                            self.participants
+                                .get(m)
+                                .is_some_and(|o| o.published.is_some() && o.publish)
+                        })
                         .filter(|m| !p.downtracks.contains_key(m))
                         .collect()
                 })
                 .unwrap_or_default(),
-            Some(p) if p.initial_done && p.pending_offer.is_none() && !p.stale.is_empty() => Vec::new(),
+            Some(p) if p.initial_done && p.pending_offer.is_none() && !p.stale.is_empty() => {
+                Vec::new()
+            }
             _ => return,
         };
         let Some(p) = self.participants.get_mut(&id) else {
@@ -530,7 +564,12 @@ impl Worker {
                     );
                 }
                 if let Some((offer, pending)) = applied {
-                    debug!(participant = id, ?publishers, stale = stale.len(), "offering track changes");
+                    debug!(
+                        participant = id,
+                        ?publishers,
+                        stale = stale.len(),
+                        "offering track changes"
+                    );
                     p.pending_offer = Some(pending);
                     self.events.push(FromNode::Offer {
                         participant: id,
@@ -570,7 +609,10 @@ impl Worker {
                     Event::RtpPacket(pkt) => self.packets.push(pkt),
                     Event::MediaAdded(m) => {
                         debug!(participant = id, mid = %m.mid, kind = ?m.kind, direction = ?m.direction, "media added");
-                        if m.kind == MediaKind::Audio && matches!(m.direction, Direction::RecvOnly | Direction::SendRecv) && p.published.is_none() {
+                        if m.kind == MediaKind::Audio
+                            && matches!(m.direction, Direction::RecvOnly | Direction::SendRecv)
+                            && p.published.is_none()
+                        {
                             p.published = Some(m.mid);
                             newly_published = true;
                             if p.publish {
@@ -617,11 +659,14 @@ impl Worker {
         if !p.publish || p.muted {
             return;
         }
-        if p.opus_pt.is_some_and(|pt| pt.pt() != pkt.header.payload_type) {
+        if p.opus_pt
+            .is_some_and(|pt| pt.pt() != pkt.header.payload_type)
+        {
             return;
         }
         if let Some(level) = pkt.header.ext_vals.audio_level {
-            self.detector.observe(from, level.unsigned_abs().min(127), now);
+            self.detector
+                .observe(from, level.unsigned_abs().min(127), now);
         }
         let room = p.room.clone();
         let Some(members) = self.rooms.get(&room) else {
@@ -647,7 +692,12 @@ impl Worker {
             if !dt.ready {
                 continue;
             }
-            let Some(rw) = dt.rewriter.rewrite(*pkt.header.ssrc, pkt.header.sequence_number, pkt.header.timestamp, now) else {
+            let Some(rw) = dt.rewriter.rewrite(
+                *pkt.header.ssrc,
+                pkt.header.sequence_number,
+                pkt.header.timestamp,
+                now,
+            ) else {
                 continue;
             };
             let mid = dt.mid;
@@ -711,11 +761,117 @@ impl Worker {
                 SpeakerEvent::Started(p) => (p, true),
                 SpeakerEvent::Stopped(p) => (p, false),
             };
-            self.events.push(FromNode::Speaking { participant, speaking });
+            self.events.push(FromNode::Speaking {
+                participant,
+                speaking,
+            });
         }
     }
 }
 
 fn opus_params(rtc: &Rtc) -> Option<str0m::format::PayloadParams> {
-    rtc.codec_config().iter().find(|p| p.spec().codec == Codec::Opus).copied()
+    rtc.codec_config()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus)
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd_add(id: u64, room: &str) -> ToNode {
+        ToNode::AddParticipant {
+            participant: id,
+            room: room.into(),
+            identity: format!("user{id}"),
+            publish: true,
+            subscribe: true,
+        }
+    }
+
+    #[test]
+    fn a_panicking_media_session_removes_only_that_participant() {
+        let now = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut w = Worker::new(addr, vec![addr]);
+        w.handle_command(now, cmd_add(1, "r"));
+        w.handle_command(now, cmd_add(2, "r"));
+        assert_eq!(w.participant_count(), 2);
+        let r: Option<()> = w.guarded(1, |_| panic!("simulated str0m bug"));
+        assert!(r.is_none());
+        assert_eq!(w.participant_count(), 1);
+        assert!(w.participants.contains_key(&2));
+        let events: Vec<FromNode> = w.take_events().collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, FromNode::ParticipantGone { participant: 1, .. })),
+            "{events:?}"
+        );
+        // The survivor still works.
+        w.handle_timeout(now + Duration::from_millis(100));
+        assert_eq!(w.participant_count(), 1);
+    }
+
+    #[test]
+    fn garbage_datagrams_are_dropped_without_harm() {
+        let now = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut w = Worker::new(addr, vec![addr]);
+        w.handle_command(now, cmd_add(1, "r"));
+        let src: SocketAddr = "127.0.0.1:6000".parse().unwrap();
+        for len in [0usize, 1, 12, 20, 100, 1500] {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 37 % 256) as u8).collect();
+            w.handle_datagram(now, src, &junk);
+        }
+        assert_eq!(w.participant_count(), 1);
+        assert_eq!(w.stats().datagrams_dropped, 6);
+    }
+
+    #[test]
+    fn bad_sdp_is_an_error_event_and_the_session_survives() {
+        let now = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut w = Worker::new(addr, vec![addr]);
+        w.handle_command(now, cmd_add(1, "r"));
+        w.handle_command(
+            now,
+            ToNode::ClientOffer {
+                participant: 1,
+                sdp: "hello".into(),
+            },
+        );
+        w.handle_command(
+            now,
+            ToNode::ClientAnswer {
+                participant: 1,
+                sdp: "v=0".into(),
+            },
+        );
+        w.handle_command(
+            now,
+            ToNode::ClientCandidate {
+                participant: 1,
+                candidate: "candidate:nonsense".into(),
+            },
+        );
+        let events: Vec<FromNode> = w.take_events().collect();
+        let codes: Vec<NodeErrorCode> = events
+            .iter()
+            .filter_map(|e| match e {
+                FromNode::Error { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                NodeErrorCode::InvalidSdp,
+                NodeErrorCode::InvalidSdp,
+                NodeErrorCode::InvalidCandidate
+            ]
+        );
+        assert_eq!(w.participant_count(), 1);
+    }
 }
