@@ -14,7 +14,11 @@ use chorus_signaling::{token, Signaling, SignalingConfig, TurnRest};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "chorus", version, about = "Self-hosted low-latency voice channels: signaling, SFU and tools in one binary")]
+#[command(
+    name = "chorus",
+    version,
+    about = "Self-hosted low-latency voice channels: signaling, SFU and tools in one binary"
+)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "CHORUS_LOG_JSON")]
@@ -41,10 +45,18 @@ struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:7880", env = "CHORUS_DEV_LISTEN")]
     listen: SocketAddr,
     /// UDP address the SFU's media worker binds (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:7882", env = "CHORUS_DEV_MEDIA_LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7882",
+        env = "CHORUS_DEV_MEDIA_LISTEN"
+    )]
     media_listen: SocketAddr,
     /// QUIC address of the internal control plane between signaling and the SFU.
-    #[arg(long, default_value = "127.0.0.1:7881", env = "CHORUS_DEV_CONTROL_LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7881",
+        env = "CHORUS_DEV_CONTROL_LISTEN"
+    )]
     control_listen: SocketAddr,
     /// API key the dev token endpoint signs with.
     #[arg(long, default_value = "devkey", env = "CHORUS_API_KEY")]
@@ -71,7 +83,12 @@ struct SignalingArgs {
     #[arg(long, default_value = "127.0.0.1:7881", env = "CHORUS_CONTROL_LISTEN")]
     control_listen: SocketAddr,
     /// API key and secret as KEY:SECRET; repeat for several keys (env: comma-separated).
-    #[arg(long = "api-key", env = "CHORUS_API_KEYS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "api-key",
+        env = "CHORUS_API_KEYS",
+        value_delimiter = ',',
+        required = true
+    )]
     api_keys: Vec<String>,
     /// Shared secret SFU nodes must prove they hold (at least 8 characters).
     #[arg(long, env = "CHORUS_NODE_SECRET")]
@@ -84,7 +101,11 @@ struct SignalingArgs {
     control_key: Option<PathBuf>,
     /// Where to write the self-signed control certificate made when --control-cert is
     /// not given; SFU nodes need it for --control-ca.
-    #[arg(long, default_value = "chorus-control-cert.pem", env = "CHORUS_CONTROL_CERT_OUT")]
+    #[arg(
+        long,
+        default_value = "chorus-control-cert.pem",
+        env = "CHORUS_CONTROL_CERT_OUT"
+    )]
     control_cert_out: PathBuf,
     /// Serve HTTPS with this PEM certificate (with --tls-key).
     #[arg(long, env = "CHORUS_TLS_CERT", requires = "tls_key")]
@@ -99,7 +120,12 @@ struct SignalingArgs {
     #[arg(long = "stun", env = "CHORUS_STUN", value_delimiter = ',')]
     stun: Vec<String>,
     /// TURN URLs handed to clients with fresh REST credentials (turn:host:3478?transport=udp).
-    #[arg(long = "turn-url", env = "CHORUS_TURN_URLS", value_delimiter = ',', requires = "turn_secret")]
+    #[arg(
+        long = "turn-url",
+        env = "CHORUS_TURN_URLS",
+        value_delimiter = ',',
+        requires = "turn_secret"
+    )]
     turn_urls: Vec<String>,
     /// TURN REST API shared secret (the relay's --auth-secret).
     #[arg(long, env = "CHORUS_TURN_SECRET")]
@@ -128,7 +154,11 @@ struct SfuArgs {
     media_listen: SocketAddr,
     /// IP addresses to advertise to clients as ICE candidates (needed when binding a
     /// wildcard address; repeatable).
-    #[arg(long = "advertise-ip", env = "CHORUS_ADVERTISE_IPS", value_delimiter = ',')]
+    #[arg(
+        long = "advertise-ip",
+        env = "CHORUS_ADVERTISE_IPS",
+        value_delimiter = ','
+    )]
     advertise_ip: Vec<IpAddr>,
     /// Media worker threads, each with its own UDP port; rooms are spread across them.
     #[arg(long, default_value_t = 1, env = "CHORUS_WORKERS")]
@@ -174,7 +204,9 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json);
     // One process-wide TLS provider for HTTPS; QUIC configs pass theirs explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
             Command::Dev(a) => dev(a).await,
@@ -187,8 +219,11 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| EnvFilter::new("info,str0m=warn,quinn=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("CHORUS_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,str0m=warn,quinn=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -199,10 +234,11 @@ fn init_logging(json: bool) {
 async fn wait_for_shutdown() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -213,7 +249,10 @@ async fn wait_for_shutdown() {
 }
 
 fn random_secret() -> String {
-    rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect()
+    rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The machine's LAN address: the source address the OS would use to reach a public
@@ -231,8 +270,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         let ip = lan_ip().context("could not find this machine's LAN address for --lan")?;
         let mut names = vec!["localhost".to_string(), ip.to_string()];
         names.dedup();
-        let ck = rcgen::generate_simple_self_signed(names).context("making a self-signed certificate")?;
-        let https = (ck.cert.pem().into_bytes(), ck.signing_key.serialize_pem().into_bytes());
+        let ck = rcgen::generate_simple_self_signed(names)
+            .context("making a self-signed certificate")?;
+        let https = (
+            ck.cert.pem().into_bytes(),
+            ck.signing_key.serialize_pem().into_bytes(),
+        );
         (
             SocketAddr::new(IpAddr::from([0, 0, 0, 0]), a.listen.port()),
             SocketAddr::new(IpAddr::from([0, 0, 0, 0]), a.media_listen.port()),
@@ -275,11 +318,25 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let host = if host.is_empty() { sig.http_addr.ip().to_string() } else { host };
+    let host = if host.is_empty() {
+        sig.http_addr.ip().to_string()
+    } else {
+        host
+    };
     let url = format!("{scheme}://{host}:{}/", sig.http_addr.port());
     println!("Chorus dev server is up (signaling + SFU on this machine).");
-    println!("  API key: {}  secret: {}  (tokens: chorus token --room R --identity I)", a.api_key, a.api_secret);
-    println!("  media (UDP): {}", node.media_addrs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "  API key: {}  secret: {}  (tokens: chorus token --room R --identity I)",
+        a.api_key, a.api_secret
+    );
+    println!(
+        "  media (UDP): {}",
+        node.media_addrs
+            .iter()
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if scheme == "https" {
         println!("  HTTPS uses a self-signed certificate: accept the browser's warning once.");
     }
@@ -298,7 +355,9 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
             .split_once(':')
             .with_context(|| format!("--api-key {kv:?} must be KEY:SECRET"))?;
         if k.is_empty() || s.len() < 8 {
-            anyhow::bail!("--api-key {k:?}: the key must be non-empty and the secret at least 8 characters");
+            anyhow::bail!(
+                "--api-key {k:?}: the key must be non-empty and the secret at least 8 characters"
+            );
         }
         api_keys.insert(k.to_string(), s.to_string());
     }
@@ -346,15 +405,21 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
             a.control_cert_out.display()
         );
     }
-    eprintln!("signaling listening on {} (control plane {})", sig.http_addr, sig.control_addr);
+    eprintln!(
+        "signaling listening on {} (control plane {})",
+        sig.http_addr, sig.control_addr
+    );
     wait_for_shutdown().await;
     sig.shutdown();
     Ok(())
 }
 
 async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
-    let pem = std::fs::read_to_string(&a.control_ca).with_context(|| format!("reading {}", a.control_ca.display()))?;
-    let node_id = a.node_id.unwrap_or_else(|| format!("sfu-{}", &random_secret()[..8]));
+    let pem = std::fs::read_to_string(&a.control_ca)
+        .with_context(|| format!("reading {}", a.control_ca.display()))?;
+    let node_id = a
+        .node_id
+        .unwrap_or_else(|| format!("sfu-{}", &random_secret()[..8]));
     let node = Node::start(NodeConfig {
         node_id: node_id.clone(),
         signaling: a.signaling,
@@ -365,7 +430,10 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
         workers: a.workers,
     })
     .await?;
-    eprintln!("SFU node {node_id} serving media on {:?}, registering with {}", node.media_addrs, a.signaling);
+    eprintln!(
+        "SFU node {node_id} serving media on {:?}, registering with {}",
+        node.media_addrs, a.signaling
+    );
     wait_for_shutdown().await;
     Ok(())
 }
@@ -386,7 +454,8 @@ fn token_cmd(a: TokenArgs) -> anyhow::Result<()> {
         publish_data: !a.no_publish_data,
         admin: a.admin,
     };
-    let claims = token::participant_claims(&key, &a.room, &a.identity, a.name.as_deref(), a.ttl, grants);
+    let claims =
+        token::participant_claims(&key, &a.room, &a.identity, a.name.as_deref(), a.ttl, grants);
     println!("{}", token::mint(&claims, &secret)?);
     Ok(())
 }

@@ -119,18 +119,39 @@ pub enum ServerMessage {
         reconnect_grace_secs: u64,
     },
     /// SDP answer to the client's offer.
-    Answer { sdp: String },
+    Answer {
+        sdp: String,
+    },
     /// SDP offer from the server (tracks came or went); reply with `answer`.
-    Offer { sdp: String },
+    Offer {
+        sdp: String,
+    },
     /// Trickle ICE from the server.
-    Candidate { candidate: IceCandidate },
-    ParticipantJoined { participant: ParticipantInfo },
-    ParticipantLeft { sid: String, identity: String, reason: String },
-    ParticipantUpdated { participant: ParticipantInfo },
-    Error { code: ErrorCode, message: String },
-    Pong { ts: f64 },
+    Candidate {
+        candidate: IceCandidate,
+    },
+    ParticipantJoined {
+        participant: ParticipantInfo,
+    },
+    ParticipantLeft {
+        sid: String,
+        identity: String,
+        reason: String,
+    },
+    ParticipantUpdated {
+        participant: ParticipantInfo,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        ts: f64,
+    },
     /// The server ends this session (kicked, replaced by a newer join, room closed).
-    Left { reason: String },
+    Left {
+        reason: String,
+    },
 }
 
 /// Every error code a client can receive. Documented in `docs/protocol.md`.

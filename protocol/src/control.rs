@@ -56,10 +56,7 @@ pub enum FromNode {
     /// SDP offer to a client (renegotiation: tracks came or went).
     Offer { participant: u64, sdp: String },
     /// A participant's audio track started or stopped being published.
-    Track {
-        participant: u64,
-        publishing: bool,
-    },
+    Track { participant: u64, publishing: bool },
     /// Speaker detection result for a participant.
     Speaking { participant: u64, speaking: bool },
     /// The node's media session ended for this participant (ICE failed, peer misbehaved,

@@ -52,7 +52,7 @@ impl FrameDecoder {
     }
 
     /// The next complete message, `Ok(None)` when more bytes are needed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -65,7 +65,9 @@ impl FrameDecoder {
         }
         let parsed = serde_json::from_slice(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
-        parsed.map(Some).map_err(|e| FrameError::Json(e.to_string()))
+        parsed
+            .map(Some)
+            .map_err(|e| FrameError::Json(e.to_string()))
     }
 }
 
@@ -86,11 +88,11 @@ mod tests {
             let mut d = FrameDecoder::new();
             d.push(&all[..split]);
             let mut got = Vec::new();
-            while let Some(m) = d.next::<ToNode>().unwrap() {
+            while let Some(m) = d.next_frame::<ToNode>().unwrap() {
                 got.push(m);
             }
             d.push(&all[split..]);
-            while let Some(m) = d.next::<ToNode>().unwrap() {
+            while let Some(m) = d.next_frame::<ToNode>().unwrap() {
                 got.push(m);
             }
             assert_eq!(got.len(), 2, "split at {split}");
@@ -101,11 +103,17 @@ mod tests {
     fn oversized_and_garbage_frames_are_errors() {
         let mut d = FrameDecoder::new();
         d.push(&(u32::MAX).to_be_bytes());
-        assert!(matches!(d.next::<FromNode>(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            d.next_frame::<FromNode>(),
+            Err(FrameError::TooLarge(_))
+        ));
 
         let mut d = FrameDecoder::new();
         d.push(&3u32.to_be_bytes());
         d.push(b"{x}");
-        assert!(matches!(d.next::<FromNode>(), Err(FrameError::Json(_))));
+        assert!(matches!(
+            d.next_frame::<FromNode>(),
+            Err(FrameError::Json(_))
+        ));
     }
 }

@@ -101,7 +101,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                if x % 7 == 0 {
+                if x.is_multiple_of(7) {
                     *b = x as u8;
                 }
             }

@@ -307,7 +307,7 @@ async fn control_session(
     let welcomed = async {
         loop {
             let msg = loop {
-                if let Some(m) = dec.next::<ToNode>()? {
+                if let Some(m) = dec.next_frame::<ToNode>()? {
                     break m;
                 }
                 match recv.read(&mut buf).await? {
@@ -345,7 +345,7 @@ async fn control_session(
                     Some(n) => dec.push(&buf[..n]),
                     None => return Ok(()),
                 }
-                while let Some(cmd) = dec.next::<ToNode>()? {
+                while let Some(cmd) = dec.next_frame::<ToNode>()? {
                     if let Some(reply) = routing.route(cmd) {
                         send.write_all(&encode(&reply)).await?;
                     }

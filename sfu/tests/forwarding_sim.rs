@@ -258,7 +258,7 @@ impl Sim {
     /// Every 20 ms of simulated time a frame is due; returns its index.
     fn frame(&self) -> Option<u32> {
         let t = self.now.saturating_duration_since(self.start).as_millis() as u64;
-        (t % 20 == 0).then_some((t / 20) as u32)
+        t.is_multiple_of(20).then_some((t / 20) as u32)
     }
 }
 
@@ -313,14 +313,8 @@ fn audio_is_forwarded_both_ways_with_continuous_numbering() {
 
     // Client 1 goes quiet: it stops speaking after the hangover, client 2 does not.
     sim.run(1500, &[(1, -127), (2, -30)]);
-    assert_eq!(
-        sim.speaking.iter().filter(|e| e.0 == 1).last(),
-        Some(&(1, false))
-    );
-    assert_eq!(
-        sim.speaking.iter().filter(|e| e.0 == 2).last(),
-        Some(&(2, true))
-    );
+    assert_eq!(sim.speaking.iter().rfind(|e| e.0 == 1), Some(&(1, false)));
+    assert_eq!(sim.speaking.iter().rfind(|e| e.0 == 2), Some(&(2, true)));
 }
 
 #[test]

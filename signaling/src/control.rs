@@ -30,7 +30,10 @@ pub struct ControlIdentity {
 impl ControlIdentity {
     /// A fresh self-signed certificate for the names nodes will use to reach us.
     pub fn self_signed() -> anyhow::Result<Self> {
-        let ck = rcgen::generate_simple_self_signed(vec!["chorus-control".to_string(), "localhost".to_string()])?;
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "chorus-control".to_string(),
+            "localhost".to_string(),
+        ])?;
         Ok(ControlIdentity {
             cert: ck.cert.der().clone(),
             key: PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
@@ -41,8 +44,8 @@ impl ControlIdentity {
         use rustls::pki_types::pem::PemObject;
         let cert = CertificateDer::from_pem_file(cert)
             .with_context(|| format!("reading control certificate {}", cert.display()))?;
-        let key =
-            PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading control key {}", key.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("reading control key {}", key.display()))?;
         Ok(ControlIdentity { cert, key })
     }
 
@@ -70,7 +73,8 @@ pub fn endpoint(addr: SocketAddr, identity: &ControlIdentity) -> anyhow::Result<
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
     server.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(server, addr).with_context(|| format!("binding control listener on {addr}"))
+    quinn::Endpoint::server(server, addr)
+        .with_context(|| format!("binding control listener on {addr}"))
 }
 
 pub async fn serve(endpoint: quinn::Endpoint, hub: Arc<Hub>, node_secret: Arc<String>) {
@@ -97,7 +101,7 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
     buf: &mut [u8],
 ) -> anyhow::Result<Option<T>> {
     loop {
-        if let Some(m) = dec.next::<T>()? {
+        if let Some(m) = dec.next_frame::<T>()? {
             return Ok(Some(m));
         }
         match recv.read(buf).await? {
@@ -115,18 +119,27 @@ async fn node_session(conn: quinn::Connection, hub: Arc<Hub>, secret: &str) -> a
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 16 * 1024];
 
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame::<FromNode>(&mut recv, &mut dec, &mut buf))
-        .await
-        .context("no hello")??;
+    let hello = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame::<FromNode>(&mut recv, &mut dec, &mut buf),
+    )
+    .await
+    .context("no hello")??;
     let (node_id, media_addrs) = match hello {
         Some(FromNode::Hello {
             node_id,
             version,
             media_addrs,
-        }) if version == CONTROL_VERSION && !node_id.is_empty() && node_id.len() <= 128 => (node_id, media_addrs),
+        }) if version == CONTROL_VERSION && !node_id.is_empty() && node_id.len() <= 128 => {
+            (node_id, media_addrs)
+        }
         other => {
             let reason = format!("expected hello with version {CONTROL_VERSION}, got {other:?}");
-            let _ = send.write_all(&encode(&ToNode::Rejected { reason: reason.clone() })).await;
+            let _ = send
+                .write_all(&encode(&ToNode::Rejected {
+                    reason: reason.clone(),
+                }))
+                .await;
             anyhow::bail!(reason);
         }
     };
@@ -137,9 +150,12 @@ async fn node_session(conn: quinn::Connection, hub: Arc<Hub>, secret: &str) -> a
         version: CONTROL_VERSION,
     }))
     .await?;
-    let auth = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame::<FromNode>(&mut recv, &mut dec, &mut buf))
-        .await
-        .context("no auth")??;
+    let auth = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame::<FromNode>(&mut recv, &mut dec, &mut buf),
+    )
+    .await
+    .context("no auth")??;
     let ok = match auth {
         Some(FromNode::Auth { mac }) => verify_mac(secret, &nonce, &node_id, &mac),
         _ => false,
@@ -159,12 +175,19 @@ async fn node_session(conn: quinn::Connection, hub: Arc<Hub>, secret: &str) -> a
 
     let (tx, mut rx) = mpsc::unbounded_channel::<ToNode>();
     if let Err(reason) = hub.register_node(&node_id, tx) {
-        let _ = send.write_all(&encode(&ToNode::Rejected { reason: reason.clone() })).await;
+        let _ = send
+            .write_all(&encode(&ToNode::Rejected {
+                reason: reason.clone(),
+            }))
+            .await;
         conn.close(2u32.into(), b"duplicate node");
         anyhow::bail!(reason);
     }
     info!(node = %node_id, %remote, ?media_addrs, "node authenticated");
-    send.write_all(&encode(&ToNode::Welcome { node_id: node_id.clone() })).await?;
+    send.write_all(&encode(&ToNode::Welcome {
+        node_id: node_id.clone(),
+    }))
+    .await?;
 
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {

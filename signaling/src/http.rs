@@ -33,11 +33,26 @@ const STYLE_CSS: &str = include_str!("../../clients/web/style.css");
 
 pub fn router(state: AppState) -> Router {
     let mut r = Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/index.html", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/chorus-sdk.js", get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }))
-        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/index.html",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/chorus-sdk.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade));
@@ -48,7 +63,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(st): State<AppState>) -> Response {
@@ -87,10 +109,15 @@ fn bad_request(message: &str) -> Response {
 pub fn valid_room_name(room: &str) -> bool {
     !room.is_empty()
         && room.len() <= 64
-        && room.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && room
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-async fn dev_token(State(st): State<AppState>, body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn dev_token(
+    State(st): State<AppState>,
+    body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Some(key) = st.dev_key.as_ref() else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -118,7 +145,11 @@ async fn dev_token(State(st): State<AppState>, body: Result<Json<DevTokenRequest
         })
         .take(32)
         .collect();
-    let slug = if slug.is_empty() { "guest".to_string() } else { slug };
+    let slug = if slug.is_empty() {
+        "guest".to_string()
+    } else {
+        slug
+    };
     // Two tabs with the same name are two people; a short random suffix keeps them apart.
     let identity = format!("{slug}-{:04x}", rand::random::<u16>());
     let claims = participant_claims(
@@ -130,7 +161,13 @@ async fn dev_token(State(st): State<AppState>, body: Result<Json<DevTokenRequest
         Grants::default_participant(),
     );
     match mint(&claims, &key.1) {
-        Ok(token) => Json(json!({"token": token, "identity": identity, "room": req.room})).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("minting failed: {e}")).into_response(),
+        Ok(token) => {
+            Json(json!({"token": token, "identity": identity, "room": req.room})).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("minting failed: {e}"),
+        )
+            .into_response(),
     }
 }

@@ -60,7 +60,8 @@ impl TurnRest {
         let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(self.secret.as_bytes())
             .expect("HMAC accepts keys of any length");
         mac.update(username.as_bytes());
-        let credential = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let credential =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
         IceServer {
             urls: self.urls.clone(),
             username: Some(username),
@@ -105,7 +106,10 @@ impl Participant {
     fn send(&self, msg: ServerMessage) {
         if let Some(s) = &self.session {
             if s.tx.try_send(Outbound::Msg(msg)).is_err() {
-                warn!(participant = self.id, "client queue full or closed; message dropped");
+                warn!(
+                    participant = self.id,
+                    "client queue full or closed; message dropped"
+                );
             }
         }
     }
@@ -178,41 +182,73 @@ impl Hub {
         HubStats {
             rooms: st.rooms.len(),
             participants: st.participants.len(),
-            connected_sessions: st.participants.values().filter(|p| p.session.is_some()).count(),
+            connected_sessions: st
+                .participants
+                .values()
+                .filter(|p| p.session.is_some())
+                .count(),
             nodes: st.nodes.len(),
         }
     }
 
+    /// Room → node placement, for operators and tests.
+    pub fn placements(&self) -> HashMap<String, String> {
+        let st = self.lock();
+        st.rooms
+            .iter()
+            .map(|(r, room)| (r.clone(), room.node.clone()))
+            .collect()
+    }
+
     /// Seats the token's identity in the token's room (or takes back its seat).
-    pub fn join(&self, claims: &Claims, resume: bool, conn: u64, tx: SessionTx) -> Result<Joined, HubError> {
+    pub fn join(
+        &self,
+        claims: &Claims,
+        resume: bool,
+        conn: u64,
+        tx: SessionTx,
+    ) -> Result<Joined, HubError> {
         let mut st = self.lock();
         let existing = st
             .rooms
             .get(&claims.room)
             .and_then(|r| {
-                r.participants
-                    .iter()
-                    .find(|id| st.participants.get(id).is_some_and(|p| p.identity == claims.sub))
+                r.participants.iter().find(|id| {
+                    st.participants
+                        .get(id)
+                        .is_some_and(|p| p.identity == claims.sub)
+                })
             })
             .copied();
 
         if let Some(id) = existing {
             if resume {
-                let p = st.participants.get_mut(&id).ok_or((ErrorCode::Internal, "seat vanished".into()))?;
+                let p = st
+                    .participants
+                    .get_mut(&id)
+                    .ok_or((ErrorCode::Internal, "seat vanished".into()))?;
                 if let Some(old) = p.session.take() {
                     // The old socket is presumably dead; make sure its writer stops.
-                    let _ = old.tx.try_send(Outbound::Close(4001, "resumed elsewhere".into()));
+                    let _ = old
+                        .tx
+                        .try_send(Outbound::Close(4001, "resumed elsewhere".into()));
                 }
                 p.session = Some(Session { conn, tx });
                 p.grants = claims.grants;
                 info!(participant = id, room = %claims.room, identity = %claims.sub, "seat resumed");
                 let message = joined_message(&st, &self.config, id, true);
-                return Ok(Joined { participant: id, message });
+                return Ok(Joined {
+                    participant: id,
+                    message,
+                });
             }
             if let Some(p) = st.participants.get(&id) {
                 if let Some(s) = &p.session {
-                    let _ = s.tx.try_send(Outbound::Msg(ServerMessage::Left { reason: "replaced".into() }));
-                    let _ = s.tx.try_send(Outbound::Close(4000, "replaced by a newer join".into()));
+                    let _ = s.tx.try_send(Outbound::Msg(ServerMessage::Left {
+                        reason: "replaced".into(),
+                    }));
+                    let _ =
+                        s.tx.try_send(Outbound::Close(4000, "replaced by a newer join".into()));
                 }
             }
             remove_locked(&mut st, id, "replaced");
@@ -264,10 +300,18 @@ impl Hub {
         });
         room.node = node.clone();
         room.participants.insert(id);
-        broadcast_locked(&st, &claims.room, Some(id), ServerMessage::ParticipantJoined { participant: info });
+        broadcast_locked(
+            &st,
+            &claims.room,
+            Some(id),
+            ServerMessage::ParticipantJoined { participant: info },
+        );
         info!(participant = id, room = %claims.room, identity = %claims.sub, node = %node, "joined");
         let message = joined_message(&st, &self.config, id, false);
-        Ok(Joined { participant: id, message })
+        Ok(Joined {
+            participant: id,
+            message,
+        })
     }
 
     /// Relays a client's SDP/ICE to the participant's node. Returns an error for the
@@ -275,10 +319,10 @@ impl Hub {
     pub fn to_node(&self, participant: u64, conn: u64, msg: ToNode) -> Result<(), HubError> {
         let st = self.lock();
         let p = owned(&st, participant, conn)?;
-        let node = st
-            .nodes
-            .get(&p.node)
-            .ok_or((ErrorCode::NoMediaNode, "the media server for this room went away".into()))?;
+        let node = st.nodes.get(&p.node).ok_or((
+            ErrorCode::NoMediaNode,
+            "the media server for this room went away".into(),
+        ))?;
         let _ = node.tx.send(msg);
         Ok(())
     }
@@ -302,7 +346,12 @@ impl Hub {
         if let Some(n) = st.nodes.get(&node) {
             let _ = n.tx.send(ToNode::SetMuted { participant, muted });
         }
-        broadcast_locked(&st, &room, None, ServerMessage::ParticipantUpdated { participant: info });
+        broadcast_locked(
+            &st,
+            &room,
+            None,
+            ServerMessage::ParticipantUpdated { participant: info },
+        );
         Ok(())
     }
 
@@ -328,7 +377,10 @@ impl Hub {
             p.disconnect_epoch += 1;
             p.disconnect_epoch
         };
-        debug!(participant, "socket dropped; keeping the seat for the grace period");
+        debug!(
+            participant,
+            "socket dropped; keeping the seat for the grace period"
+        );
         let hub = self.clone();
         let grace = self.config.reconnect_grace;
         tokio::spawn(async move {
@@ -347,7 +399,11 @@ impl Hub {
 
     // ---- node side ----
 
-    pub fn register_node(&self, node_id: &str, tx: mpsc::UnboundedSender<ToNode>) -> Result<(), String> {
+    pub fn register_node(
+        &self,
+        node_id: &str,
+        tx: mpsc::UnboundedSender<ToNode>,
+    ) -> Result<(), String> {
         let mut st = self.lock();
         if st.nodes.contains_key(node_id) {
             return Err(format!("a node with id {node_id:?} is already connected"));
@@ -369,15 +425,25 @@ impl Hub {
         if st.nodes.remove(node_id).is_none() {
             return;
         }
-        warn!(node = node_id, "media node disconnected; its participants lose their seats");
-        let ids: Vec<u64> = st.participants.values().filter(|p| p.node == node_id).map(|p| p.id).collect();
+        warn!(
+            node = node_id,
+            "media node disconnected; its participants lose their seats"
+        );
+        let ids: Vec<u64> = st
+            .participants
+            .values()
+            .filter(|p| p.node == node_id)
+            .map(|p| p.id)
+            .collect();
         for id in ids {
             if let Some(p) = st.participants.get(&id) {
                 p.send(ServerMessage::Error {
                     code: ErrorCode::NoMediaNode,
                     message: "the media server for this room went away; rejoin".into(),
                 });
-                p.send(ServerMessage::Left { reason: "media_failed".into() });
+                p.send(ServerMessage::Left {
+                    reason: "media_failed".into(),
+                });
             }
             remove_locked(&mut st, id, "media_failed");
         }
@@ -401,58 +467,88 @@ impl Hub {
                     p.send(ServerMessage::Offer { sdp });
                 }
             }
-            FromNode::Speaking { participant, speaking } => {
+            FromNode::Speaking {
+                participant,
+                speaking,
+            } => {
                 update_locked(&mut st, participant, node_id, |p| {
                     // A muted participant is never shown as speaking, whatever trickles in.
                     let v = speaking && !p.muted;
                     std::mem::replace(&mut p.speaking, v) != v
                 });
             }
-            FromNode::Track { participant, publishing } => {
+            FromNode::Track {
+                participant,
+                publishing,
+            } => {
                 update_locked(&mut st, participant, node_id, |p| {
                     std::mem::replace(&mut p.publishing, publishing) != publishing
                 });
             }
-            FromNode::ParticipantGone { participant, reason } => {
+            FromNode::ParticipantGone {
+                participant,
+                reason,
+            } => {
                 if let Some(p) = on_node(&st, participant, node_id) {
                     warn!(participant, %reason, "media session ended by the node");
                     p.send(ServerMessage::Error {
                         code: ErrorCode::Internal,
                         message: format!("media connection failed: {reason}"),
                     });
-                    p.send(ServerMessage::Left { reason: "media_failed".into() });
+                    p.send(ServerMessage::Left {
+                        reason: "media_failed".into(),
+                    });
                     remove_locked(&mut st, participant, "media_failed");
                 }
             }
-            FromNode::Error { participant, code, message } => {
+            FromNode::Error {
+                participant,
+                code,
+                message,
+            } => {
                 if let Some(p) = on_node(&st, participant, node_id) {
                     let code = match code {
                         NodeErrorCode::InvalidSdp => ErrorCode::InvalidSdp,
                         NodeErrorCode::InvalidCandidate => ErrorCode::InvalidCandidate,
-                        NodeErrorCode::UnknownParticipant | NodeErrorCode::Internal => ErrorCode::Internal,
+                        NodeErrorCode::UnknownParticipant | NodeErrorCode::Internal => {
+                            ErrorCode::Internal
+                        }
                     };
                     p.send(ServerMessage::Error { code, message });
                 }
             }
             FromNode::Hello { .. } | FromNode::Auth { .. } => {
-                warn!(node = node_id, "unexpected handshake message after registration");
+                warn!(
+                    node = node_id,
+                    "unexpected handshake message after registration"
+                );
             }
         }
     }
 }
 
-fn owned<'a>(st: &'a State, participant: u64, conn: u64) -> Result<&'a Participant, HubError> {
+fn owned(st: &State, participant: u64, conn: u64) -> Result<&Participant, HubError> {
     match st.participants.get(&participant) {
         Some(p) if p.session.as_ref().map(|s| s.conn) == Some(conn) => Ok(p),
-        _ => Err((ErrorCode::NotJoined, "this session no longer holds a seat".into())),
+        _ => Err((
+            ErrorCode::NotJoined,
+            "this session no longer holds a seat".into(),
+        )),
     }
 }
 
 fn on_node<'a>(st: &'a State, participant: u64, node_id: &str) -> Option<&'a Participant> {
-    st.participants.get(&participant).filter(|p| p.node == node_id)
+    st.participants
+        .get(&participant)
+        .filter(|p| p.node == node_id)
 }
 
-fn update_locked(st: &mut State, participant: u64, node_id: &str, f: impl FnOnce(&mut Participant) -> bool) {
+fn update_locked(
+    st: &mut State,
+    participant: u64,
+    node_id: &str,
+    f: impl FnOnce(&mut Participant) -> bool,
+) {
     let Some(p) = st.participants.get_mut(&participant) else {
         return;
     };
@@ -461,7 +557,12 @@ fn update_locked(st: &mut State, participant: u64, node_id: &str, f: impl FnOnce
     }
     let room = p.room.clone();
     let info = p.info();
-    broadcast_locked(st, &room, None, ServerMessage::ParticipantUpdated { participant: info });
+    broadcast_locked(
+        st,
+        &room,
+        None,
+        ServerMessage::ParticipantUpdated { participant: info },
+    );
 }
 
 fn broadcast_locked(st: &State, room: &str, except: Option<u64>, msg: ServerMessage) {

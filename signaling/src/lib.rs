@@ -105,9 +105,10 @@ impl Signaling {
                 addr
             }
             Some((cert, key)) => {
-                let tls = axum_server::tls_rustls::RustlsConfig::from_pem(cert.clone(), key.clone())
-                    .await
-                    .context("loading HTTPS certificate")?;
+                let tls =
+                    axum_server::tls_rustls::RustlsConfig::from_pem(cert.clone(), key.clone())
+                        .await
+                        .context("loading HTTPS certificate")?;
                 let handle = axum_server::Handle::new();
                 let server = axum_server::bind_rustls(config.listen, tls).handle(handle.clone());
                 tasks.push(tokio::spawn(async move {

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chorus_protocol::client::{ErrorCode, Grants};
-use jsonwebtoken::{decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
@@ -27,7 +29,10 @@ pub struct Claims {
 
 impl Claims {
     pub fn display_name(&self) -> &str {
-        self.name.as_deref().filter(|n| !n.is_empty()).unwrap_or(&self.sub)
+        self.name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.sub)
     }
 }
 
@@ -127,13 +132,18 @@ impl TokenVerifier {
                         })
                     }
                     ErrorKind::InvalidSignature | ErrorKind::InvalidIssuer => {}
-                    ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                    ErrorKind::InvalidToken
+                    | ErrorKind::Base64(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::Utf8(_) => {
                         return Err(invalid("token is malformed"));
                     }
                     ErrorKind::MissingRequiredClaim(c) => {
                         return Err(invalid(&format!("token lacks the `{c}` claim")));
                     }
-                    ErrorKind::InvalidAlgorithm => return Err(invalid("token must be signed with HS256")),
+                    ErrorKind::InvalidAlgorithm => {
+                        return Err(invalid("token must be signed with HS256"))
+                    }
                     other => last = invalid(&format!("token rejected: {other:?}")),
                 },
             }
@@ -185,7 +195,10 @@ mod tests {
     #[test]
     fn expired_token_is_token_expired() {
         let t = mint(&claims(-60), "devsecret").unwrap();
-        assert_eq!(verifier().verify(&t).unwrap_err().code, ErrorCode::TokenExpired);
+        assert_eq!(
+            verifier().verify(&t).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
     }
 
     #[test]
@@ -193,23 +206,36 @@ mod tests {
         let mut c = claims(600);
         c.nbf = Some(now_unix() + 300);
         let t = mint(&c, "devsecret").unwrap();
-        assert_eq!(verifier().verify(&t).unwrap_err().code, ErrorCode::TokenExpired);
+        assert_eq!(
+            verifier().verify(&t).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
     }
 
     #[test]
     fn wrong_secret_and_unknown_key_are_invalid() {
         let t = mint(&claims(60), "not-the-secret").unwrap();
-        assert_eq!(verifier().verify(&t).unwrap_err().code, ErrorCode::InvalidToken);
+        assert_eq!(
+            verifier().verify(&t).unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
         let mut c = claims(60);
         c.iss = "nobody".into();
         let t = mint(&c, "devsecret").unwrap();
-        assert_eq!(verifier().verify(&t).unwrap_err().code, ErrorCode::InvalidToken);
+        assert_eq!(
+            verifier().verify(&t).unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
     }
 
     #[test]
     fn garbage_is_invalid() {
         for t in ["", "abc", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30.sig"] {
-            assert_eq!(verifier().verify(t).unwrap_err().code, ErrorCode::InvalidToken, "{t}");
+            assert_eq!(
+                verifier().verify(t).unwrap_err().code,
+                ErrorCode::InvalidToken,
+                "{t}"
+            );
         }
         assert_eq!(
             verifier().verify(&"x".repeat(10_000)).unwrap_err().code,
@@ -225,7 +251,10 @@ mod tests {
             &EncodingKey::from_secret(b"devsecret"),
         )
         .unwrap();
-        assert_eq!(verifier().verify(&t).unwrap_err().code, ErrorCode::InvalidToken);
+        assert_eq!(
+            verifier().verify(&t).unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
     }
 
     #[test]
@@ -239,7 +268,12 @@ mod tests {
         }
         let t = encode(
             &Header::new(Algorithm::HS256),
-            &Bare { iss: "devkey", sub: "x", room: "r", exp: now_unix() + 60 },
+            &Bare {
+                iss: "devkey",
+                sub: "x",
+                room: "r",
+                exp: now_unix() + 60,
+            },
             &EncodingKey::from_secret(b"devsecret"),
         )
         .unwrap();

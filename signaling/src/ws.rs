@@ -62,7 +62,11 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                         Ok(t) => t,
                         Err(_) => continue,
                     };
-                    if sink.send(Message::Text(Utf8Bytes::from(text))).await.is_err() {
+                    if sink
+                        .send(Message::Text(Utf8Bytes::from(text)))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -125,14 +129,20 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
         let text = match frame {
             Message::Text(t) => t,
             Message::Binary(_) => {
-                error(ErrorCode::BadRequest, "binary frames are not part of the protocol; send JSON text");
+                error(
+                    ErrorCode::BadRequest,
+                    "binary frames are not part of the protocol; send JSON text",
+                );
                 continue;
             }
             Message::Close(_) => break,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         if !rate.allow(Instant::now()) {
-            error(ErrorCode::RateLimited, "too many messages; slow down (limit 50 per second)");
+            error(
+                ErrorCode::RateLimited,
+                "too many messages; slow down (limit 50 per second)",
+            );
             continue;
         }
         if text.len() > MAX_CLIENT_MESSAGE_BYTES {
@@ -149,7 +159,10 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
         let msg: ClientMessage = match serde_json::from_str(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
-                error(ErrorCode::BadRequest, &format!("not a valid protocol message: {e}"));
+                error(
+                    ErrorCode::BadRequest,
+                    &format!("not a valid protocol message: {e}"),
+                );
                 continue;
             }
         };
@@ -159,7 +172,15 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
             (ClientMessage::Join { .. }, Some(_)) => {
                 error(ErrorCode::AlreadyJoined, "this socket has already joined")
             }
-            (ClientMessage::Join { token, room, resume, protocol }, None) => {
+            (
+                ClientMessage::Join {
+                    token,
+                    room,
+                    resume,
+                    protocol,
+                },
+                None,
+            ) => {
                 if let Some(v) = protocol {
                     if v != PROTOCOL_VERSION {
                         error(
@@ -206,12 +227,26 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 }
             }
             (_, None) => error(ErrorCode::NotJoined, "send join first"),
-            (ClientMessage::Offer { sdp }, Some(p)) => {
-                relay(&hub, p, conn, ToNode::ClientOffer { participant: p, sdp }, &error)
-            }
-            (ClientMessage::Answer { sdp }, Some(p)) => {
-                relay(&hub, p, conn, ToNode::ClientAnswer { participant: p, sdp }, &error)
-            }
+            (ClientMessage::Offer { sdp }, Some(p)) => relay(
+                &hub,
+                p,
+                conn,
+                ToNode::ClientOffer {
+                    participant: p,
+                    sdp,
+                },
+                &error,
+            ),
+            (ClientMessage::Answer { sdp }, Some(p)) => relay(
+                &hub,
+                p,
+                conn,
+                ToNode::ClientAnswer {
+                    participant: p,
+                    sdp,
+                },
+                &error,
+            ),
             (ClientMessage::Candidate { candidate }, Some(p)) => {
                 let c = candidate.candidate.trim();
                 if c.is_empty() {
@@ -219,7 +254,10 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 }
                 let c = c.strip_prefix("a=").unwrap_or(c);
                 if !c.starts_with("candidate:") {
-                    error(ErrorCode::InvalidCandidate, "an ICE candidate starts with \"candidate:\"");
+                    error(
+                        ErrorCode::InvalidCandidate,
+                        "an ICE candidate starts with \"candidate:\"",
+                    );
                     continue;
                 }
                 relay(
