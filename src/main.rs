@@ -69,6 +69,9 @@ struct DevArgs {
     /// or localhost).
     #[arg(long)]
     lan: bool,
+    /// Serve HTTPS with a self-signed certificate on --listen (implied by --lan).
+    #[arg(long)]
+    https: bool,
     /// Seconds a dropped client keeps its seat.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     reconnect_grace: Duration,
@@ -266,25 +269,28 @@ fn lan_ip() -> Option<IpAddr> {
 
 async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let node_secret = random_secret();
-    let (listen, media_listen, https, advertise, host) = if a.lan {
+    let (listen, media_listen, advertise, host) = if a.lan {
         let ip = lan_ip().context("could not find this machine's LAN address for --lan")?;
-        let mut names = vec!["localhost".to_string(), ip.to_string()];
-        names.dedup();
-        let ck = rcgen::generate_simple_self_signed(names)
-            .context("making a self-signed certificate")?;
-        let https = (
-            ck.cert.pem().into_bytes(),
-            ck.signing_key.serialize_pem().into_bytes(),
-        );
         (
             SocketAddr::new(IpAddr::from([0, 0, 0, 0]), a.listen.port()),
             SocketAddr::new(IpAddr::from([0, 0, 0, 0]), a.media_listen.port()),
-            Some(https),
             vec![ip],
             ip.to_string(),
         )
     } else {
-        (a.listen, a.media_listen, None, vec![], String::new())
+        (a.listen, a.media_listen, vec![], a.listen.ip().to_string())
+    };
+    let https = if a.lan || a.https {
+        let mut names = vec!["localhost".to_string(), host.clone()];
+        names.dedup();
+        let ck = rcgen::generate_simple_self_signed(names)
+            .context("making a self-signed certificate")?;
+        Some((
+            ck.cert.pem().into_bytes(),
+            ck.signing_key.serialize_pem().into_bytes(),
+        ))
+    } else {
+        None
     };
     let scheme = if https.is_some() { "https" } else { "http" };
     let sig = Signaling::start(SignalingConfig {

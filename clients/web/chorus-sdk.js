@@ -467,7 +467,10 @@ export class ChorusClient extends EventTarget {
       track.enabled = !this.muted;
       pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
     } else {
-      if (this._micPromise && !stream) this._micPromise = null;
+      // Listen-only (no publish grant, or no microphone): release a mic acquired early.
+      const early = this._micPromise;
+      this._micPromise = null;
+      if (early) early.then((s) => s && s.getTracks().forEach((t) => t.stop()));
       pc.addTransceiver("audio", { direction: "recvonly" });
     }
     const offer = await pc.createOffer();

@@ -8,6 +8,10 @@ import { Sock } from "./lib/socket.mjs";
 import { sleep } from "./lib/util.mjs";
 
 let server, witness, expired;
+const GRACE_SECS = 2;
+// `chorus dev` defaults (see `chorus dev --help`), used to sign edge-case tokens.
+const DEV_KEY = "devkey";
+const DEV_SECRET = "devsecret";
 const sockets = [];
 
 async function open() {
@@ -38,8 +42,59 @@ function madeUpToken(room) {
   return `${head}.${body}.${sig}`;
 }
 
+/** An HS256 JWT with arbitrary claims, signed with the dev secret (or `secret`). */
+function signedToken(claims, { secret = DEV_SECRET, alg = "HS256" } = {}) {
+  const head = b64url({ alg, typ: "JWT" });
+  const body = b64url(claims);
+  const sig = alg === "none" ? "" : createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
+
+const ALL_GRANTS = { join: true, publish: true, subscribe: true, publish_data: true };
+const nowSecs = () => Math.floor(Date.now() / 1000);
+
+/** A Chrome-like offer publishing one Opus track (sendonly). */
+function publishingOffer() {
+  const fp = Array.from({ length: 32 }, (_, i) => ((i * 37 + 11) & 0xff).toString(16).padStart(2, "0").toUpperCase()).join(":");
+  return [
+    "v=0",
+    "o=- 4611731400430051336 2 IN IP4 127.0.0.1",
+    "s=-",
+    "t=0 0",
+    "a=group:BUNDLE 0",
+    "a=extmap-allow-mixed",
+    "a=msid-semantic: WMS stream0",
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+    "c=IN IP4 0.0.0.0",
+    "a=rtcp:9 IN IP4 0.0.0.0",
+    "a=ice-ufrag:Xq3v",
+    "a=ice-pwd:9sWdE2kzR1mYqT8uVbN4cH7p",
+    "a=ice-options:trickle",
+    `a=fingerprint:sha-256 ${fp}`,
+    "a=setup:actpass",
+    "a=mid:0",
+    "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+    "a=sendonly",
+    "a=msid:stream0 track0",
+    "a=rtcp-mux",
+    "a=rtpmap:111 opus/48000/2",
+    "a=rtcp-fb:111 transport-cc",
+    "a=fmtp:111 minptime=10;useinbandfec=1",
+    "a=ssrc:1234567 cname:e2ecname",
+    "a=ssrc:1234567 msid:stream0 track0",
+    "",
+  ].join("\r\n");
+}
+
+async function joinWith(token, extra = {}) {
+  const s = await open();
+  s.send({ type: "join", token, ...extra });
+  const m = await s.next((m) => m.type === "joined" || m.type === "error");
+  return { s, m };
+}
+
 before(async () => {
-  server = await startServer("errors");
+  server = await startServer("errors", { extraArgs: ["--reconnect-grace", `${GRACE_SECS}s`] });
   // Mint the short-lived token first so that its expiry overlaps the other tests.
   try {
     expired = { token: cliToken(["--room", "exp-room", "--identity", "late", "--ttl", "1s"]), at: Date.now() };
@@ -151,6 +206,96 @@ test("more than 50 messages per second → rate_limited; the socket stays open",
   s.inbox.length = 0;
   await s.roundTrip();
   assert.equal(s.closeInfo, null, "socket still open");
+});
+
+test("a publishing offer: answered with the publish grant, forbidden without it (socket stays open)", async () => {
+  const pub = await joinWith(signedToken({ iss: DEV_KEY, sub: "pub", room: "grant-room", exp: nowSecs() + 600, grants: ALL_GRANTS }));
+  assert.equal(pub.m.type, "joined", JSON.stringify(pub.m));
+  pub.s.send({ type: "offer", sdp: publishingOffer() });
+  const a = await pub.s.next((m) => m.type === "answer" || m.type === "error");
+  assert.equal(a.type, "answer", `a valid publishing offer is answered: ${JSON.stringify(a).slice(0, 300)}`);
+  assert.match(a.sdp, /^v=0/);
+
+  const listenOnly = await joinWith(signedToken({ iss: DEV_KEY, sub: "lurker", room: "grant-room", exp: nowSecs() + 600,
+    grants: { ...ALL_GRANTS, publish: false } }));
+  assert.equal(listenOnly.m.type, "joined", JSON.stringify(listenOnly.m));
+  assert.equal(listenOnly.m.grants.publish, false);
+  listenOnly.s.send({ type: "offer", sdp: publishingOffer() });
+  await listenOnly.s.expectError("forbidden");
+  await listenOnly.s.roundTrip();
+  assert.equal(listenOnly.s.closeInfo, null, "socket stays open after a forbidden offer");
+});
+
+test("token edge cases: no join grant → forbidden; nbf ahead → token_expired; alg none, unknown iss, no room → invalid_token", async () => {
+  const base = { iss: DEV_KEY, sub: "edge", room: "edge-room", exp: nowSecs() + 600, grants: ALL_GRANTS };
+  const cases = [
+    ["forbidden", signedToken({ ...base, grants: { ...ALL_GRANTS, join: false } })],
+    ["token_expired", signedToken({ ...base, nbf: nowSecs() + 3600 })],
+    ["invalid_token", signedToken(base, { alg: "none" })],
+    ["invalid_token", signedToken({ ...base, iss: "unknown-key" })],
+    ["invalid_token", signedToken({ ...base, room: undefined })],
+    ["invalid_token", signedToken(base, { secret: "not-the-dev-secret" })],
+  ];
+  for (const [code, token] of cases) {
+    const s = await open();
+    s.send({ type: "join", token });
+    const m = await s.next((m) => m.type === "error" || m.type === "joined");
+    assert.equal(m.code, code, `expected ${code} for claims ${Buffer.from(token.split(".")[1], "base64url")}: got ${JSON.stringify(m)}`);
+    assert.ok(await s.closedWithin(5000), `socket closed after ${code}`);
+  }
+});
+
+test("an unparsable candidate → invalid_candidate; the socket stays open", async () => {
+  const { s } = await joined("Cand", "cand-room");
+  s.send({ type: "candidate", candidate: { candidate: "candidate:garbage", sdpMid: "0", sdpMLineIndex: 0 } });
+  await s.expectError("invalid_candidate");
+  await s.roundTrip();
+  assert.equal(s.closeInfo, null);
+});
+
+test("mute is broadcast as participant_updated to everyone, including the sender", async () => {
+  const a = await joined("Mia", "mute-room");
+  const b = await joined("Bob", "mute-room");
+  await a.s.next((m) => m.type === "participant_joined" && m.participant.sid === b.joined.self.sid);
+  a.s.send({ type: "mute", muted: true });
+  const isMutedA = (m) => m.type === "participant_updated" && m.participant.sid === a.joined.self.sid && m.participant.muted === true;
+  await a.s.next(isMutedA);
+  await b.s.next(isMutedA);
+});
+
+test("reconnect: resume within the grace keeps the seat; a drop frees it after the grace", async () => {
+  const obs = await joined("Obs", "grace-room");
+  const { token } = await devToken(server.origin, "Rae", "grace-room");
+  const first = await joinWith(token);
+  assert.equal(first.m.type, "joined");
+  const sid = first.m.self.sid;
+  await obs.s.next((m) => m.type === "participant_joined" && m.participant.sid === sid);
+
+  first.s.ws.terminate(); // network failure: no close frame, no leave
+  await sleep(300);
+  const again = await joinWith(token, { resume: true });
+  assert.equal(again.m.type, "joined", JSON.stringify(again.m));
+  assert.equal(again.m.resumed, true, "joined.resumed after a resume within the grace");
+  assert.equal(again.m.self.sid, sid, "same sid after resume");
+  await again.s.roundTrip();
+
+  again.s.ws.terminate();
+  const leftMsg = await obs.s.next((m) => m.type === "participant_left" && m.sid === sid, (GRACE_SECS + 8) * 1000);
+  assert.equal(leftMsg.reason, "disconnected");
+  assert.ok(!obs.s.inbox.some((m) => m.type === "participant_left" && m.sid === sid), "only one participant_left");
+});
+
+test("a second join without resume replaces the seat: the old socket gets left{replaced} and closes", async () => {
+  const { token } = await devToken(server.origin, "Dup", "dup-room");
+  const first = await joinWith(token);
+  assert.equal(first.m.type, "joined");
+  const second = await joinWith(token);
+  assert.equal(second.m.type, "joined", JSON.stringify(second.m));
+  assert.equal(second.m.resumed, false);
+  const left = await first.s.next("left");
+  assert.equal(left.reason, "replaced");
+  assert.ok(await first.s.closedWithin(5000), "replaced socket closes");
+  await second.s.roundTrip();
 });
 
 test("an expired token → token_expired, then the socket closes", async (t) => {

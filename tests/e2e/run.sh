@@ -45,4 +45,4 @@ fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.
 # One test file at a time (each starts its own server and browsers; 2-core machines).
-exec unshare -n -- sh -c 'ip link set lo up && exec node --test --test-concurrency=1 "$@"' sh "${TESTS[@]}"
+exec unshare -n -- sh -c 'ip link set lo up && exec node --test --test-concurrency=1 --test-timeout=180000 "$@"' sh "${TESTS[@]}"

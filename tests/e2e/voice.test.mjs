@@ -3,15 +3,21 @@
 // after a dropped socket, leave.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startServer } from "./lib/server.mjs";
+import { startServer, cliToken } from "./lib/server.mjs";
 import { launchBrowser, newPage, fixture, joinViaUi, inboundAudio, participantsOf } from "./lib/browser.mjs";
 import { waitFor } from "./lib/util.mjs";
 
 const ROOM = `voice-${Date.now().toString(36)}`;
-let server, browserA, browserB, pageA, pageB, selfA, selfB;
+let server, browserA, browserB, pageA, pageB, selfA, selfB, expired;
 
 before(async () => {
   server = await startServer("voice");
+  // For the last test: a token that will have expired (1 s + 5 s leeway) by then.
+  try {
+    expired = { token: cliToken(["--room", ROOM, "--identity", "late", "--ttl", "1s"]), at: Date.now() };
+  } catch (e) {
+    expired = { error: e };
+  }
   [browserA, browserB] = await Promise.all([
     launchBrowser(fixture("tone-a-440.wav")),
     launchBrowser(fixture("tone-b-880.wav")),
@@ -115,6 +121,12 @@ test("mute on page A: B sees A muted, A's audio level drops to ~0 and A stops sp
     const e = await entryAttrs(pageB, selfA.identity);
     return { ok: e?.speaking === "false", info: e };
   });
+  // The server stops forwarding a muted participant's audio (docs/protocol.md, `mute`):
+  // a disabled track still sends silence, so count packets rather than level.
+  const p0 = (await inboundAudio(pageB)).find((r) => r.sid === selfA.sid)?.packetsReceived ?? 0;
+  await new Promise((r) => setTimeout(r, 1500));
+  const p1 = (await inboundAudio(pageB)).find((r) => r.sid === selfA.sid)?.packetsReceived ?? 0;
+  assert.ok(p1 - p0 <= 5, `page B still received ${p1 - p0} packets from muted A in 1.5 s (server should stop forwarding)`);
   // B keeps talking to A meanwhile.
   await waitInbound(pageA, "A", selfB.sid, "still audible while A is muted", (r) => r.audioLevel > 0.01);
 }));
@@ -163,4 +175,51 @@ test("leave on page A removes A from page B's list", () => diag(async () => {
     return { ok: !list.some((p) => p.identity === selfA.identity) && list.length === 1, info: list };
   });
   assert.equal(await entry(pageB, selfB.identity).getAttribute("data-self"), "true");
+}));
+
+test("a ?token= link skips /dev/token; bad and expired tokens show readable errors", () => diag(async () => {
+  const errorBox = pageA.getByTestId("error-message");
+  await pageA.goto(`${server.origin}/?token=not-a-token`);
+  await pageA.getByTestId("join-button").click();
+  await errorBox.waitFor({ state: "visible", timeout: 10_000 });
+  assert.match(await errorBox.textContent(), /token is not valid/i, "invalid_token is shown readably");
+  await pageA.getByTestId("join-button").waitFor({ state: "visible", timeout: 5000 });
+
+  if (expired.error) {
+    process.stderr.write(`# skipping the expired-token UI check: ${expired.error.message}\n`);
+    return;
+  }
+  const wait = expired.at + 7500 - Date.now();
+  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  await pageA.goto(`${server.origin}/?token=${encodeURIComponent(expired.token)}`);
+  assert.equal(await pageA.getByTestId("join-room").inputValue(), ROOM, "the room is read from the token");
+  await pageA.getByTestId("join-button").click();
+  await waitFor("the token_expired message", async () => {
+    const visible = await errorBox.isVisible();
+    const text = visible ? (await errorBox.textContent()).trim() : null;
+    return { ok: text === "Your access token has expired — rejoin to get a new one.", info: text };
+  });
+}));
+
+test("a listen-only token (no publish grant) joins recvonly and hears the others", () => diag(async () => {
+  let token;
+  try {
+    token = cliToken(["--room", ROOM, "--identity", "listener", "--name", "Lee", "--no-publish"]);
+  } catch (e) {
+    process.stderr.write(`# skipping: could not mint a --no-publish token: ${e.message}\n`);
+    return;
+  }
+  await pageA.goto(`${server.origin}/?token=${encodeURIComponent(token)}`);
+  await pageA.getByTestId("join-button").click();
+  await pageA.locator('[data-testid="participant"][data-self="true"]').waitFor({ timeout: 15_000 });
+  const grants = await pageA.evaluate(() => window.chorus.grants);
+  assert.equal(grants.publish, false, "token grants no publish");
+  const directions = await pageA.evaluate(() => window.chorus.pc.getTransceivers().map((t) => t.direction));
+  assert.ok(!directions.some((d) => d === "sendonly" || d === "sendrecv"), `nothing is sent: ${directions}`);
+  await waitInbound(pageA, "listener", selfB.sid, "with audioLevel > 0.01", (r) => r.packetsReceived > 0 && r.audioLevel > 0.01);
+  await waitFor("page B lists the listener", async () => {
+    const e = await entryAttrs(pageB, "listener");
+    return { ok: !!e, info: await participantsOf(pageB) };
+  });
+  assert.equal(await pageA.getByTestId("error-message").isVisible(), false, "no error shown to the listener");
 }));

@@ -131,7 +131,7 @@ export async function devToken(origin, name, room) {
 
 /** `chorus token ...`; the token is the last non-empty line of stdout. */
 export function cliToken(args) {
-  const out = execFileSync(chorusBin(), ["token", ...args], { encoding: "utf8" });
+  const out = execFileSync(chorusBin(), ["token", ...args], { encoding: "utf8", timeout: 15_000 });
   const lines = out.split("\n").map((l) => l.trim()).filter(Boolean);
   return lines[lines.length - 1];
 }
