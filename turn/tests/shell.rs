@@ -1,0 +1,184 @@
+//! The socket shell end to end with our own STUN codec as the client (no coturn
+//! needed): port-0 binding, UDP Binding, TCP Allocate + ChannelData relaying,
+//! metrics endpoint, and shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chorus_turn::auth::long_term_key;
+use chorus_turn::stun::{attr, decode_error_code, method, Class, Message, Writer};
+use chorus_turn::{run, TurnArgs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+fn args() -> TurnArgs {
+    let mut a = TurnArgs::new();
+    a.listen = "127.0.0.1:0".parse().unwrap();
+    a.metrics = Some("127.0.0.1:0".parse().unwrap());
+    a.users = vec!["u:p".into()];
+    a.allow_loopback_peers = true;
+    a
+}
+
+async fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    let mut hdr = [0u8; 4];
+    s.read_exact(&mut hdr).await.unwrap();
+    let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let body = if hdr[0] & 0xC0 == 0 {
+        16 + len
+    } else {
+        (len + 3) & !3
+    };
+    let mut v = hdr.to_vec();
+    v.resize(4 + body, 0);
+    s.read_exact(&mut v[4..]).await.unwrap();
+    v
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn udp_binding_tcp_relay_metrics_and_shutdown() {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = run(args(), async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    assert_ne!(srv.udp_addr.port(), 0);
+    assert_eq!(srv.udp_addr, srv.tcp_addr);
+
+    // UDP Binding.
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = Vec::new();
+    Writer::new(&mut buf, method::BINDING, Class::Request, &[1; 12]).fingerprint();
+    udp.send_to(&buf, srv.udp_addr).await.unwrap();
+    let mut rb = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut rb))
+        .await
+        .unwrap()
+        .unwrap();
+    let m = Message::parse(&rb[..n]).unwrap();
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap(),
+        Some(udp.local_addr().unwrap())
+    );
+
+    // TCP Allocate: 401 with nonce, then authenticated.
+    let mut tcp = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    let alloc = |nonce: Option<&str>, tid: u8| {
+        let mut b = Vec::new();
+        let mut w = Writer::new(&mut b, method::ALLOCATE, Class::Request, &[tid; 12]);
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        if let Some(n) = nonce {
+            w.attr(attr::USERNAME, b"u");
+            w.attr(attr::REALM, b"chorus");
+            w.attr(attr::NONCE, n.as_bytes());
+            w.integrity(&long_term_key("u", "chorus", "p"));
+        }
+        b
+    };
+    tcp.write_all(&alloc(None, 2)).await.unwrap();
+    let r = read_frame(&mut tcp).await;
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(
+        m.get(attr::ERROR_CODE)
+            .and_then(decode_error_code)
+            .unwrap()
+            .0,
+        401
+    );
+    let nonce = m.get_str(attr::NONCE).unwrap().unwrap().to_string();
+    tcp.write_all(&alloc(Some(&nonce), 3)).await.unwrap();
+    let r = read_frame(&mut tcp).await;
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(m.class, Class::Success);
+    let relayed = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert_eq!(relayed.ip(), srv.relay_ip);
+
+    // ChannelBind to a local UDP "peer", then relay both ways.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut b = Vec::new();
+    let mut w = Writer::new(&mut b, method::CHANNEL_BIND, Class::Request, &[4; 12]);
+    w.attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0]);
+    w.xor_addr(attr::XOR_PEER_ADDRESS, peer.local_addr().unwrap());
+    w.attr(attr::USERNAME, b"u");
+    w.attr(attr::REALM, b"chorus");
+    w.attr(attr::NONCE, nonce.as_bytes());
+    w.integrity(&long_term_key("u", "chorus", "p"));
+    tcp.write_all(&b).await.unwrap();
+    assert_eq!(
+        Message::parse(&read_frame(&mut tcp).await).unwrap().class,
+        Class::Success
+    );
+    // Client → peer, split across two writes to exercise stream reassembly.
+    tcp.write_all(&[0x40, 0x01, 0x00, 0x05, b'h', b'e'])
+        .await
+        .unwrap();
+    tcp.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tcp.write_all(&[b'l', b'l', b'o', 0, 0, 0]).await.unwrap();
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut rb))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&rb[..n], b"hello");
+    assert_eq!(from, relayed);
+    // Peer → client arrives as padded ChannelData.
+    peer.send_to(b"world", relayed).await.unwrap();
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut tcp))
+        .await
+        .unwrap();
+    assert_eq!(f, [0x40, 0x01, 0, 5, b'w', b'o', b'r', b'l', b'd', 0, 0, 0]);
+
+    let metrics = http_get(srv.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("\nchorus_turn_allocations 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nchorus_turn_relayed_packets_total 2\n"),
+        "{metrics}"
+    );
+    assert!(http_get(srv.metrics_addr.unwrap(), "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
+
+    // Closing the TCP connection frees the allocation.
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(http_get(srv.metrics_addr.unwrap(), "/metrics")
+        .await
+        .contains("\nchorus_turn_allocations 0\n"));
+
+    let udp_addr = srv.udp_addr;
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), srv.wait())
+        .await
+        .expect("server stops on shutdown");
+    // The listen port is free again.
+    UdpSocket::bind(udp_addr).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_config_is_an_error() {
+    let mut a = args();
+    a.users = vec!["nocolon".into()];
+    assert!(run(a, async {}).await.is_err());
+    let mut a = args();
+    a.min_port = 2000;
+    a.max_port = 1000;
+    assert!(run(a, async {}).await.is_err());
+    let mut a = args();
+    a.relay_ip = "0.0.0.0".parse().unwrap();
+    assert!(run(a, async {}).await.is_err());
+}
