@@ -35,6 +35,8 @@ enum Command {
     Signaling(SignalingArgs),
     /// Run an SFU media node that registers with signaling.
     Sfu(SfuArgs),
+    /// Run the TURN relay (UDP/TCP/TLS) with TURN REST API credentials.
+    Turn(chorus_turn::TurnArgs),
     /// Mint an access token for a participant.
     Token(TokenArgs),
 }
@@ -75,6 +77,12 @@ struct DevArgs {
     /// Seconds a dropped client keeps its seat.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     reconnect_grace: Duration,
+    /// UDP+TCP address of the bundled TURN relay (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:3478", env = "CHORUS_DEV_TURN_LISTEN")]
+    turn_listen: SocketAddr,
+    /// Do not start the TURN relay (clients then need a direct UDP path to the SFU).
+    #[arg(long)]
+    no_turn: bool,
 }
 
 #[derive(Args)]
@@ -215,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             Command::Dev(a) => dev(a).await,
             Command::Signaling(a) => signaling(a).await,
             Command::Sfu(a) => sfu(a).await,
+            Command::Turn(a) => turn(a).await,
             Command::Token(a) => token_cmd(a),
         }
     })
@@ -293,6 +302,27 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         None
     };
     let scheme = if https.is_some() { "https" } else { "http" };
+    let relay = if a.no_turn {
+        None
+    } else {
+        Some(dev_turn(&a, &advertise).await?)
+    };
+    let turn_rest = relay.as_ref().map(|(running, secret)| {
+        let host = if a.lan {
+            host.clone()
+        } else {
+            running.udp_addr.ip().to_string()
+        };
+        let port = running.udp_addr.port();
+        TurnRest {
+            urls: vec![
+                format!("turn:{host}:{port}?transport=udp"),
+                format!("turn:{host}:{port}?transport=tcp"),
+            ],
+            secret: secret.clone(),
+            ttl: Duration::from_secs(6 * 3600),
+        }
+    });
     let sig = Signaling::start(SignalingConfig {
         listen,
         control_listen: a.control_listen,
@@ -303,7 +333,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         dev_key: Some((a.api_key.clone(), a.api_secret.clone())),
         reconnect_grace: a.reconnect_grace,
         ice_servers: vec![],
-        turn: None,
+        turn: turn_rest,
     })
     .await?;
     let node = Node::start(NodeConfig {
@@ -343,6 +373,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some((running, _)) = &relay {
+        println!(
+            "  TURN relay (UDP/TCP): {} (credentials come with each join)",
+            running.udp_addr
+        );
+    }
     if scheme == "https" {
         println!("  HTTPS uses a self-signed certificate: accept the browser's warning once.");
     }
@@ -351,6 +387,48 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     println!("Shutting down.");
     drop(node);
     sig.shutdown();
+    Ok(())
+}
+
+/// Starts the bundled relay for dev mode: REST credentials with a fresh secret, and
+/// relaying allowed to this machine's own addresses (the SFU lives there).
+async fn dev_turn(
+    a: &DevArgs,
+    advertise: &[IpAddr],
+) -> anyhow::Result<(chorus_turn::RunningTurn, String)> {
+    let secret = random_secret();
+    let mut args = chorus_turn::TurnArgs::new();
+    args.listen = if a.lan {
+        SocketAddr::new(IpAddr::from([0, 0, 0, 0]), a.turn_listen.port())
+    } else {
+        a.turn_listen
+    };
+    args.auth_secret = Some(secret.clone());
+    args.relay_ip = advertise.first().copied().unwrap_or(a.turn_listen.ip());
+    args.allow_loopback_peers = true;
+    let mut cfg = chorus_turn::config_from_args(&args)?;
+    for ip in advertise {
+        cfg.policy.allow.push(chorus_turn::policy::Cidr {
+            addr: *ip,
+            prefix: if ip.is_ipv4() { 32 } else { 128 },
+        });
+    }
+    let running = chorus_turn::run_with_config(args, cfg, wait_for_shutdown())
+        .await
+        .context("starting the TURN relay (use --no-turn to run without it)")?;
+    Ok((running, secret))
+}
+
+async fn turn(a: chorus_turn::TurnArgs) -> anyhow::Result<()> {
+    let running = chorus_turn::run(a, wait_for_shutdown()).await?;
+    eprintln!("TURN relay listening on {} (UDP and TCP)", running.udp_addr);
+    if let Some(t) = running.tls_addr {
+        eprintln!("TURN over TLS on {t}");
+    }
+    if let Some(m) = running.metrics_addr {
+        eprintln!("metrics on http://{m}/metrics");
+    }
+    running.wait().await;
     Ok(())
 }
 

@@ -96,6 +96,10 @@ async function join() {
     client = new ChorusClient({
       // Raw microphone for now: processing would mangle the test tones.
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+      // ?relay=1 sends media only through the TURN relay; ?relay=udp or ?relay=tcp also
+      // picks the transport to the relay (for testing restrictive networks).
+      iceTransportPolicy: params.get("relay") ? "relay" : "all",
+      turnTransport: ["udp", "tcp"].includes(params.get("relay")) ? params.get("relay") : null,
     });
     window.chorus = client;
     wire(client);

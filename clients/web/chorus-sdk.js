@@ -45,6 +45,8 @@ export class ChorusClient extends EventTarget {
    * @param {MediaTrackConstraints|boolean} [options.audio] getUserMedia audio constraints
    * @param {boolean} [options.publish=true] publish the microphone (if the token allows)
    * @param {boolean} [options.reconnect=true] reconnect automatically when the socket drops
+   * @param {"all"|"relay"} [options.iceTransportPolicy="all"] "relay" forces media through TURN
+   * @param {"udp"|"tcp"|null} [options.turnTransport] keep only TURN URLs of this transport
    * @param {number} [options.pingIntervalMs=10000]
    * @param {number} [options.liveTimeoutMs=30000] socket considered dead without any frame
    */
@@ -438,7 +440,18 @@ export class ChorusClient extends EventTarget {
   }
 
   async _startMedia(iceServers) {
-    const pc = new RTCPeerConnection({ iceServers, bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
+    const t = this.options.turnTransport;
+    if (t) {
+      iceServers = iceServers
+        .map((s) => ({ ...s, urls: [].concat(s.urls).filter((u) => !u.startsWith("turn") || u.includes(`transport=${t}`)) }))
+        .filter((s) => s.urls.length > 0);
+    }
+    const pc = new RTCPeerConnection({
+      iceServers,
+      iceTransportPolicy: this.options.iceTransportPolicy || "all",
+      bundlePolicy: "max-bundle",
+      rtcpMuxPolicy: "require",
+    });
     this.pc = pc;
     this._offerSent = false;
     this._pendingCandidates = [];

@@ -319,6 +319,14 @@ impl Hub {
     pub fn to_node(&self, participant: u64, conn: u64, msg: ToNode) -> Result<(), HubError> {
         let st = self.lock();
         let p = owned(&st, participant, conn)?;
+        if let ToNode::ClientOffer { sdp, .. } = &msg {
+            if !p.grants.publish && sdp_sends_media(sdp) {
+                return Err((
+                    ErrorCode::Forbidden,
+                    "this token does not grant publishing; offer recvonly media".into(),
+                ));
+            }
+        }
         let node = st.nodes.get(&p.node).ok_or((
             ErrorCode::NoMediaNode,
             "the media server for this room went away".into(),
@@ -527,6 +535,35 @@ impl Hub {
     }
 }
 
+/// True if an SDP offers to send media: an m-section with a non-zero port whose direction
+/// is `sendrecv` or `sendonly` (`sendrecv` when none is given, per RFC 3264).
+pub fn sdp_sends_media(sdp: &str) -> bool {
+    let mut in_media = false;
+    let mut port_zero = false;
+    let mut sends = true;
+    let mut any = false;
+    for line in sdp.lines().map(str::trim) {
+        if let Some(m) = line.strip_prefix("m=") {
+            if in_media && !port_zero && sends && !m.is_empty() {
+                any = true;
+            }
+            let mut parts = m.split_whitespace();
+            let kind = parts.next().unwrap_or("");
+            port_zero = parts.next() == Some("0");
+            // Data channels carry chat, which has its own grant.
+            in_media = kind == "audio" || kind == "video";
+            sends = true;
+        } else if in_media {
+            match line {
+                "a=recvonly" | "a=inactive" => sends = false,
+                "a=sendonly" | "a=sendrecv" => sends = true,
+                _ => {}
+            }
+        }
+    }
+    any || (in_media && !port_zero && sends)
+}
+
 fn owned(st: &State, participant: u64, conn: u64) -> Result<&Participant, HubError> {
     match st.participants.get(&participant) {
         Some(p) if p.session.as_ref().map(|s| s.conn) == Some(conn) => Ok(p),
@@ -637,5 +674,27 @@ fn joined_message(st: &State, config: &HubConfig, id: u64, resumed: bool) -> Ser
         grants: me.grants,
         resumed,
         reconnect_grace_secs: config.reconnect_grace.as_secs(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sdp_sends_media;
+
+    #[test]
+    fn detects_sending_media_sections() {
+        let send = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\n";
+        let recv = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n";
+        let default_dir = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n";
+        let stopped = "v=0\r\nm=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n";
+        let data = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        let mixed = "v=0\r\nm=audio 9 X 111\r\na=sendrecv\r\nm=audio 9 X 111\r\na=recvonly\r\n";
+        assert!(sdp_sends_media(send));
+        assert!(!sdp_sends_media(recv));
+        assert!(sdp_sends_media(default_dir));
+        assert!(!sdp_sends_media(stopped));
+        assert!(!sdp_sends_media(data));
+        assert!(sdp_sends_media(mixed));
+        assert!(!sdp_sends_media("hello"));
     }
 }

@@ -36,11 +36,12 @@ fi
 mkdir -p fixtures
 [ -s fixtures/tone-a-440.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-a-440.wav synth 5 sine 440 gain -6
 [ -s fixtures/tone-b-880.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-b-880.wav synth 5 sine 880 gain -6
+[ -s fixtures/tone-c-660.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-c-660.wav synth 5 sine 660 gain -6
 
 if [ "$#" -gt 0 ]; then
   TESTS=("$@")
 else
-  TESTS=(voice.test.mjs errors.test.mjs)
+  TESTS=(voice.test.mjs room.test.mjs turn.test.mjs errors.test.mjs)
 fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.

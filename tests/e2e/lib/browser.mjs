@@ -1,8 +1,8 @@
 // Chromium (Debian's /usr/bin/chromium) driven by playwright-core, with a WAV file as mic.
 import { chromium } from "playwright-core";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
-import { E2E_DIR } from "./server.mjs";
+import { E2E_DIR, REPO_ROOT } from "./server.mjs";
 
 export const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 export const FIXTURES = path.join(E2E_DIR, "fixtures");
@@ -35,6 +35,8 @@ export async function launchBrowser(wavFile) {
       "--use-fake-device-for-media-stream",
       `--use-file-for-fake-audio-capture=${wavFile}`,
       "--autoplay-policy=no-user-gesture-required",
+      // Pages served by E2E_WEB_FROM_DISK count as non-local: let them reach loopback.
+      ...(process.env.E2E_WEB_FROM_DISK ? ["--disable-features=LocalNetworkAccessChecks"] : []),
     ],
   });
 }
@@ -49,6 +51,18 @@ export async function newPage(browser, label) {
     page.logs.push(`[${label} pageerror] ${e.message}`);
     process.stderr.write(`[${label} pageerror] ${e.stack || e.message}\n`);
   });
+  if (process.env.E2E_WEB_FROM_DISK) {
+    // The server embeds clients/web at build time; this serves the files on disk instead,
+    // to iterate on the web client without rebuilding the server.
+    const types = { html: "text/html", js: "text/javascript", css: "text/css" };
+    await context.route(/\/(index\.html|app\.js|chorus-sdk\.js|style\.css)?(\?.*)?$/, (route) => {
+      const url = new URL(route.request().url());
+      if (url.pathname.startsWith("/dev/") || url.pathname.startsWith("/ws")) return route.fallback();
+      const file = url.pathname === "/" ? "index.html" : url.pathname.slice(1);
+      const body = readFileSync(path.join(REPO_ROOT, "clients", "web", file));
+      return route.fulfill({ status: 200, contentType: types[file.split(".").pop()], body });
+    });
+  }
   if (process.env.E2E_VERBOSE) {
     page.on("console", (m) => process.stderr.write(`[${label} console.${m.type()}] ${m.text()}\n`));
   }
@@ -56,8 +70,8 @@ export async function newPage(browser, label) {
 }
 
 /** Join through the UI: type name + channel, click join, wait for our own entry. */
-export async function joinViaUi(page, origin, name, room, { timeout = 15_000 } = {}) {
-  await page.goto(origin + "/");
+export async function joinViaUi(page, origin, name, room, { timeout = 15_000, query = "" } = {}) {
+  await page.goto(origin + "/" + query);
   await page.getByTestId("join-name").fill(name);
   await page.getByTestId("join-room").fill(room);
   await page.getByTestId("join-button").click();
@@ -108,4 +122,23 @@ export function participantsOf(page) {
       text: el.textContent.trim(),
     })),
   );
+}
+
+/** The selected ICE candidate pair's local candidate, as getStats() reports it. */
+export function selectedLocalCandidate(page) {
+  return page.evaluate(async () => {
+    const stats = await window.chorus.pc.getStats();
+    let pair = null;
+    stats.forEach((r) => {
+      if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+    });
+    if (!pair) {
+      stats.forEach((r) => {
+        if (r.type === "candidate-pair" && r.state === "succeeded" && r.nominated) pair = r;
+      });
+    }
+    if (!pair) return null;
+    const local = stats.get(pair.localCandidateId);
+    return local ? { candidateType: local.candidateType, relayProtocol: local.relayProtocol ?? null, protocol: local.protocol } : null;
+  });
 }

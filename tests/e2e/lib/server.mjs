@@ -31,6 +31,7 @@ export async function startServer(name = "server", { timeoutMs = 30_000, extraAr
     "--listen", "127.0.0.1:0",
     "--media-listen", "127.0.0.1:0",
     "--control-listen", "127.0.0.1:0",
+    "--turn-listen", "127.0.0.1:0",
     ...extraArgs,
   ];
   log.write(`$ ${bin} ${args.join(" ")}\n`);
