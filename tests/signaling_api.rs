@@ -33,6 +33,8 @@ async fn stack_with(nodes: usize, grace: Duration) -> Stack {
         reconnect_grace: grace,
         ice_servers: vec![],
         turn: None,
+        chat_db: None,
+        chat: Default::default(),
     })
     .await
     .unwrap();

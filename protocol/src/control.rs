@@ -21,6 +21,9 @@ pub enum ToNode {
         participant: u64,
         room: String,
         identity: String,
+        /// Display name, stamped on relayed `signal` messages.
+        #[serde(default)]
+        name: String,
         publish: bool,
         subscribe: bool,
     },
@@ -34,6 +37,12 @@ pub enum ToNode {
     SetMuted { participant: u64, muted: bool },
     /// Remove a participant and free its media session.
     RemoveParticipant { participant: u64 },
+    /// Write one text frame (a JSON chat message) on each listed participant's `chat`
+    /// data channel.
+    ChatTo {
+        participants: Vec<u64>,
+        data: String,
+    },
 }
 
 /// Messages from a node to signaling.
@@ -62,6 +71,11 @@ pub enum FromNode {
     /// The node's media session ended for this participant (ICE failed, peer misbehaved,
     /// internal fault). Signaling removes the participant.
     ParticipantGone { participant: u64, reason: String },
+    /// The participant's `chat` data channel opened: signaling sends it the history.
+    ChatReady { participant: u64 },
+    /// A text frame the participant sent on its `chat` data channel, unparsed: signaling
+    /// owns every chat rule (grants, size, rate, ids, history).
+    ChatIn { participant: u64, data: String },
     /// A command about `participant` failed (e.g. unparsable SDP).
     Error {
         participant: u64,
@@ -94,6 +108,7 @@ mod tests {
             participant: 7,
             room: "lobby".into(),
             identity: "ana".into(),
+            name: "Ana".into(),
             publish: true,
             subscribe: true,
         };

@@ -3,12 +3,15 @@
 //! Two protocols live here, each documented in `docs/`:
 //! - [`client`]: the JSON messages a browser or native client exchanges with signaling over
 //!   a WebSocket (`docs/protocol.md`).
+//! - [`chat`]: the JSON frames on the `chat` and `signal` data channels between a client
+//!   and the SFU (`docs/protocol.md`, "Text chat").
 //! - [`control`]: the messages signaling and an SFU node exchange over QUIC
 //!   (`docs/control-protocol.md`).
 //!
 //! This crate holds data types and framing only, so that signaling, the SFU and the
 //! native client can share them without depending on each other.
 
+pub mod chat;
 pub mod client;
 pub mod control;
 pub mod framing;

@@ -178,6 +178,15 @@ impl Routing {
                 self.participants.insert(*participant, (w, room.clone()));
                 *participant
             }
+            ToNode::ChatTo { participants, .. } => {
+                // A room lives on one worker, so all its recipients do too.
+                let w = participants
+                    .first()
+                    .and_then(|p| self.participants.get(p))
+                    .map(|(w, _)| *w)?;
+                let _ = self.workers[w].send(WorkerCmd::Control(cmd));
+                return None;
+            }
             ToNode::ClientOffer { participant, .. }
             | ToNode::ClientAnswer { participant, .. }
             | ToNode::ClientCandidate { participant, .. }

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use chorus_media_core::rewrite::RtpRewriter;
 use chorus_media_core::speaker::{SpeakerConfig, SpeakerDetector, SpeakerEvent};
+use chorus_protocol::chat::{ChatErrorCode, ChatServerFrame, Sender, SignalFrame};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
@@ -29,6 +31,13 @@ pub struct Transmit {
     pub contents: Vec<u8>,
 }
 
+/// Signals (typing indicators) relayed per sender per second; more are dropped.
+const SIGNALS_PER_SEC: u32 = 10;
+
+/// Largest data-channel frame the node passes on (chat text is 4000 characters at most,
+/// up to 4 bytes each, plus JSON).
+const MAX_CHANNEL_FRAME: usize = 20 * 1024;
+
 /// How long a participant's ICE may stay disconnected before the node gives up.
 const ICE_DISCONNECT_GRACE: Duration = Duration::from_secs(10);
 
@@ -42,6 +51,13 @@ struct DownTrack {
 struct Participant {
     id: u64,
     room: String,
+    identity: String,
+    name: String,
+    /// The `chat` and `signal` data channels, once open.
+    chat: Option<ChannelId>,
+    signal: Option<ChannelId>,
+    /// Start of the current one-second window of relayed signals, and its count.
+    signal_window: (Instant, u32),
     rtc: Rtc,
     ufrag: String,
     publish: bool,
@@ -223,9 +239,15 @@ impl Worker {
                 participant,
                 room,
                 identity,
+                name,
                 publish,
                 subscribe,
-            } => self.add(now, participant, room, &identity, publish, subscribe),
+            } => self.add(now, participant, room, identity, name, publish, subscribe),
+            ToNode::ChatTo { participants, data } => {
+                for id in participants {
+                    self.write_chat(id, &data, now);
+                }
+            }
             ToNode::RemoveParticipant { participant } => self.remove(participant),
             ToNode::ClientOffer { participant, sdp } => self.client_offer(now, participant, &sdp),
             ToNode::ClientAnswer { participant, sdp } => self.client_answer(now, participant, &sdp),
@@ -279,12 +301,14 @@ impl Worker {
 
     // ---- participants ----
 
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         now: Instant,
         id: u64,
         room: String,
-        identity: &str,
+        identity: String,
+        name: String,
         publish: bool,
         subscribe: bool,
     ) {
@@ -306,7 +330,7 @@ impl Worker {
             }
         }
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
-        info!(participant = id, %room, identity, "participant added");
+        info!(participant = id, %room, %identity, "participant added");
         self.by_ufrag.insert(ufrag.clone(), id);
         self.rooms.entry(room.clone()).or_default().push(id);
         self.participants.insert(
@@ -314,6 +338,11 @@ impl Worker {
             Participant {
                 id,
                 room,
+                identity,
+                name,
+                chat: None,
+                signal: None,
+                signal_window: (now, 0),
                 rtc,
                 ufrag,
                 publish,
@@ -585,6 +614,8 @@ impl Worker {
     /// and forwarding any audio it received.
     fn drive(&mut self, id: u64, now: Instant) {
         let mut newly_published = false;
+        // (is chat, binary, bytes) frames received on data channels during this poll.
+        let mut channel_frames: Vec<(bool, bool, Vec<u8>)> = Vec::new();
         loop {
             let Some(p) = self.participants.get_mut(&id) else {
                 return;
@@ -631,6 +662,33 @@ impl Worker {
                         }
                     }
                     Event::Connected => info!(participant = id, "media connected"),
+                    Event::ChannelOpen(cid, label) => match label.as_str() {
+                        "chat" => {
+                            p.chat = Some(cid);
+                            self.events.push(FromNode::ChatReady { participant: id });
+                        }
+                        "signal" => p.signal = Some(cid),
+                        other => debug!(
+                            participant = id,
+                            label = other,
+                            "ignoring unknown data channel"
+                        ),
+                    },
+                    Event::ChannelClose(cid) => {
+                        if p.chat == Some(cid) {
+                            p.chat = None;
+                        }
+                        if p.signal == Some(cid) {
+                            p.signal = None;
+                        }
+                    }
+                    Event::ChannelData(d) => {
+                        if Some(d.id) == p.chat {
+                            channel_frames.push((true, d.binary, d.data));
+                        } else if Some(d.id) == p.signal {
+                            channel_frames.push((false, d.binary, d.data));
+                        }
+                    }
                     _ => {}
                 },
             }
@@ -642,6 +700,13 @@ impl Worker {
             }
             // Keep the buffer's capacity for the next burst.
             self.packets = packets;
+        }
+        for (is_chat, binary, data) in channel_frames {
+            if is_chat {
+                self.chat_in(id, binary, data, now);
+            } else {
+                self.signal_in(id, binary, &data, now);
+            }
         }
         if newly_published {
             // str0m reports the publisher's track on a later poll than the one that
@@ -722,7 +787,7 @@ impl Worker {
             match wrote {
                 Ok(true) => {
                     self.stats.packets_forwarded += 1;
-                    self.drive_transmits_only(sid);
+                    self.drive(sid, now);
                 }
                 Ok(false) => {}
                 Err(_) => self.fail(sid, "internal error forwarding audio"),
@@ -731,27 +796,93 @@ impl Worker {
         self.flush_speaker_events();
     }
 
-    /// After a write, collect what the subscriber's `Rtc` wants to send. Events other
-    /// than transmits are left for the subscriber's own next drive (there are none in
-    /// practice after a write).
-    fn drive_transmits_only(&mut self, id: u64) {
-        loop {
-            let Some(p) = self.participants.get_mut(&id) else {
-                return;
-            };
-            match catch_unwind(AssertUnwindSafe(|| p.rtc.poll_output())) {
-                Ok(Ok(Output::Transmit(t))) => self.transmits.push(Transmit {
-                    destination: t.destination,
-                    contents: t.contents.into(),
-                }),
-                Ok(Ok(Output::Timeout(t))) => {
-                    p.next_timeout = t;
-                    return;
-                }
-                Ok(Ok(Output::Event(_))) => {}
-                Ok(Err(e)) => return self.fail(id, &format!("media session error: {e}")),
-                Err(_) => return self.fail(id, "internal error in media session"),
+    /// A frame from a participant's `chat` channel: chat rules live in signaling, so the
+    /// node only checks it is text of a sane size and passes it on.
+    fn chat_in(&mut self, id: u64, binary: bool, data: Vec<u8>, now: Instant) {
+        let reject = |why: &str| ChatServerFrame::Error {
+            code: ChatErrorCode::ChatInvalid,
+            message: why.to_string(),
+            reference: None,
+        };
+        let text = if binary {
+            Err(reject("chat frames are JSON text, not binary"))
+        } else if data.len() > MAX_CHANNEL_FRAME {
+            Err(ChatServerFrame::Error {
+                code: ChatErrorCode::ChatTooLong,
+                message: format!("frame of {} bytes exceeds {MAX_CHANNEL_FRAME}", data.len()),
+                reference: None,
+            })
+        } else {
+            String::from_utf8(data).map_err(|_| reject("chat frames must be valid UTF-8"))
+        };
+        match text {
+            Ok(data) => self.events.push(FromNode::ChatIn {
+                participant: id,
+                data,
+            }),
+            Err(frame) => self.write_chat(id, &frame.to_json(), now),
+        }
+    }
+
+    /// A frame from a participant's lossy `signal` channel: stamped with the sender and
+    /// relayed to the rest of the room, at most [`SIGNALS_PER_SEC`] per second.
+    fn signal_in(&mut self, id: u64, binary: bool, data: &[u8], now: Instant) {
+        if binary || data.len() > 1024 {
+            return;
+        }
+        let Ok(SignalFrame::Typing { typing, .. }) = serde_json::from_slice::<SignalFrame>(data)
+        else {
+            return;
+        };
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        if now.saturating_duration_since(p.signal_window.0) >= Duration::from_secs(1) {
+            p.signal_window = (now, 0);
+        }
+        p.signal_window.1 += 1;
+        if p.signal_window.1 > SIGNALS_PER_SEC {
+            return;
+        }
+        let out = SignalFrame::Typing {
+            from: Some(Sender {
+                identity: p.identity.clone(),
+                name: p.name.clone(),
+            }),
+            typing,
+        };
+        let Ok(json) = serde_json::to_string(&out) else {
+            return;
+        };
+        let room = p.room.clone();
+        let members = self.rooms.get(&room).cloned().unwrap_or_default();
+        for m in members.into_iter().filter(|m| *m != id) {
+            let wrote = self.guarded(m, |p| match p.signal {
+                Some(cid) => p
+                    .rtc
+                    .channel(cid)
+                    .map(|mut ch| ch.write(false, json.as_bytes())),
+                None => None,
+            });
+            if matches!(wrote, Some(Some(Ok(_)))) {
+                self.drive(m, now);
             }
+        }
+    }
+
+    /// Writes one text frame on a participant's `chat` channel (dropped if not open).
+    fn write_chat(&mut self, id: u64, data: &str, now: Instant) {
+        let wrote = self.guarded(id, |p| match p.chat {
+            Some(cid) => p
+                .rtc
+                .channel(cid)
+                .map(|mut ch| ch.write(false, data.as_bytes())),
+            None => None,
+        });
+        match wrote {
+            Some(Some(Ok(_))) => self.drive(id, now),
+            Some(Some(Err(e))) => warn!(participant = id, "chat write failed: {e}"),
+            _ => debug!(participant = id, "chat frame dropped: channel not open"),
         }
     }
 
@@ -785,6 +916,7 @@ mod tests {
             participant: id,
             room: room.into(),
             identity: format!("user{id}"),
+            name: format!("User {id}"),
             publish: true,
             subscribe: true,
         }

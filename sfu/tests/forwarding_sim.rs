@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use chorus_protocol::control::{FromNode, ToNode};
 use chorus_sfu::worker::Worker;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::{ChannelConfig, ChannelId, Reliability};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
@@ -25,6 +26,9 @@ struct Client {
     received: Vec<(u32, u16, Option<i8>)>,
     /// (ssrc, seq) of every SRTP datagram the SFU sent to this client.
     wire: Vec<(u32, u16)>,
+    /// Data channels by label, once open, and text received on them.
+    channels: Vec<(ChannelId, String)>,
+    channel_in: Vec<(String, String)>,
     next_seq: u64,
 }
 
@@ -57,6 +61,8 @@ impl Client {
             connected: false,
             received: Vec::new(),
             wire: Vec::new(),
+            channels: Vec::new(),
+            channel_in: Vec::new(),
             next_seq: 1,
         }
     }
@@ -64,6 +70,13 @@ impl Client {
     fn offer(&mut self) -> String {
         let mut api = self.rtc.sdp_api();
         self.mic = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+        api.add_channel("chat".into());
+        api.add_channel_with_config(ChannelConfig {
+            label: "signal".into(),
+            ordered: false,
+            reliability: Reliability::MaxRetransmits { retransmits: 0 },
+            ..Default::default()
+        });
         let (offer, pending) = api.apply().unwrap();
         self.pending = Some(pending);
         offer.to_sdp_string()
@@ -100,6 +113,8 @@ struct Sim {
     sfu_addr: SocketAddr,
     clients: Vec<Client>,
     speaking: Vec<(u64, bool)>,
+    chat_ready: Vec<u64>,
+    chat_in: Vec<(u64, String)>,
     start: Instant,
 }
 
@@ -114,6 +129,8 @@ impl Sim {
             sfu_addr,
             clients: Vec::new(),
             speaking: Vec::new(),
+            chat_ready: Vec::new(),
+            chat_in: Vec::new(),
         }
     }
 
@@ -124,6 +141,7 @@ impl Sim {
                 participant: id,
                 room: "room".into(),
                 identity: format!("user{id}"),
+                name: format!("User {id}"),
                 publish: true,
                 subscribe: true,
             },
@@ -166,6 +184,20 @@ impl Sim {
                             p.header.sequence_number,
                             p.header.ext_vals.audio_level,
                         )),
+                        Output::Event(Event::ChannelOpen(id, label)) => {
+                            c.channels.push((id, label))
+                        }
+                        Output::Event(Event::ChannelData(d)) => {
+                            let label = c
+                                .channels
+                                .iter()
+                                .find(|(id, _)| *id == d.id)
+                                .map(|(_, l)| l.clone());
+                            c.channel_in.push((
+                                label.unwrap_or_default(),
+                                String::from_utf8_lossy(&d.data).into_owned(),
+                            ));
+                        }
                         Output::Event(_) => {}
                         Output::Timeout(_) => break,
                     }
@@ -222,6 +254,10 @@ impl Sim {
                         participant,
                         speaking,
                     } => self.speaking.push((participant, speaking)),
+                    FromNode::ChatReady { participant } => self.chat_ready.push(participant),
+                    FromNode::ChatIn { participant, data } => {
+                        self.chat_in.push((participant, data))
+                    }
                     FromNode::Error { message, .. } => panic!("unexpected error event: {message}"),
                     _ => {}
                 }
@@ -388,4 +424,96 @@ fn a_third_joiner_is_sent_every_publisher_and_a_leaver_is_renegotiated_away() {
     sim.run(300, &[(2, -20)]);
     assert_eq!(sim.worker.participant_count(), 2);
     // No error events were raised by the renegotiation (Sim panics on errors).
+}
+
+impl Client {
+    fn write_channel(&mut self, label: &str, binary: bool, data: &[u8]) {
+        let id = self
+            .channels
+            .iter()
+            .find(|(_, l)| l == label)
+            .map(|(id, _)| *id)
+            .expect("channel open");
+        self.rtc.channel(id).unwrap().write(binary, data).unwrap();
+    }
+}
+
+#[test]
+fn chat_and_signal_channels_are_relayed() {
+    let mut sim = Sim::new();
+    sim.join(1);
+    sim.join(2);
+    sim.run(1000, &[]);
+    assert_eq!(
+        {
+            let mut r = sim.chat_ready.clone();
+            r.sort();
+            r
+        },
+        vec![1, 2],
+        "both chat channels open"
+    );
+
+    // Client → node: text frames go to signaling unparsed.
+    sim.client(1)
+        .write_channel("chat", false, br#"{"type":"send","text":"hi"}"#);
+    sim.run(50, &[]);
+    assert_eq!(
+        sim.chat_in,
+        vec![(1, r#"{"type":"send","text":"hi"}"#.to_string())]
+    );
+
+    // Binary frames are answered by the node itself and never reach signaling.
+    sim.client(1)
+        .write_channel("chat", true, &[0, 159, 146, 150]);
+    sim.run(50, &[]);
+    assert_eq!(sim.chat_in.len(), 1);
+    let err = sim
+        .client(1)
+        .channel_in
+        .iter()
+        .find(|(l, t)| l == "chat" && t.contains("chat_invalid"))
+        .cloned();
+    assert!(
+        err.is_some(),
+        "binary frame got an error: {:?}",
+        sim.client(1).channel_in
+    );
+
+    // Node → clients: signaling's frames are written on the chat channel.
+    let now = sim.now;
+    sim.worker.handle_command(
+        now,
+        ToNode::ChatTo {
+            participants: vec![1, 2],
+            data: r#"{"type":"deleted","id":1}"#.into(),
+        },
+    );
+    sim.run(50, &[]);
+    for id in [1, 2] {
+        assert!(sim
+            .client(id)
+            .channel_in
+            .iter()
+            .any(|(l, t)| l == "chat" && t.contains("deleted")));
+    }
+
+    // Typing signals are stamped with the sender and relayed to the others.
+    sim.client(2)
+        .write_channel("signal", false, br#"{"type":"typing","typing":true}"#);
+    sim.run(50, &[]);
+    let typing = sim
+        .client(1)
+        .channel_in
+        .iter()
+        .find(|(l, _)| l == "signal")
+        .cloned();
+    let (_, text) = typing.expect("client 1 got the typing signal");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["from"]["identity"], "user2");
+    assert_eq!(v["typing"], true);
+    assert!(
+        sim.client(2).channel_in.iter().all(|(l, _)| l != "signal"),
+        "not echoed to the sender"
+    );
 }

@@ -14,7 +14,11 @@ use chorus_protocol::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::chat::{ChatBucket, ChatConfig, ChatStore};
 use crate::token::Claims;
+use chorus_protocol::chat::{
+    ChatClientFrame, ChatErrorCode, ChatServerFrame, Sender, MAX_CHAT_CHARS, MAX_REF_CHARS,
+};
 
 /// What the WebSocket writer task of one session is asked to do.
 #[derive(Debug)]
@@ -36,6 +40,7 @@ pub struct HubConfig {
     pub ice_servers: Vec<IceServer>,
     /// TURN REST credentials minted per join.
     pub turn: Option<TurnRest>,
+    pub chat: ChatConfig,
 }
 
 /// TURN REST API (shared secret) settings: signaling mints a username/password pair per
@@ -86,6 +91,9 @@ struct Participant {
     publishing: bool,
     node: String,
     session: Option<Session>,
+    /// The participant's chat channel is open and has had its history.
+    chat_ready: bool,
+    chat_bucket: ChatBucket,
     /// Bumped on every disconnect so a stale grace timer does not remove a seat that
     /// was resumed (and perhaps dropped again) in the meantime.
     disconnect_epoch: u64,
@@ -137,6 +145,7 @@ struct State {
 pub struct Hub {
     config: HubConfig,
     state: Mutex<State>,
+    chat: Arc<dyn ChatStore>,
 }
 
 /// A successful join: the seat's id and the `joined` message to send.
@@ -157,9 +166,10 @@ pub struct HubStats {
 }
 
 impl Hub {
-    pub fn new(config: HubConfig) -> Arc<Self> {
+    pub fn new(config: HubConfig, chat: Arc<dyn ChatStore>) -> Arc<Self> {
         Arc::new(Hub {
             config,
+            chat,
             state: Mutex::new(State {
                 next_id: 1,
                 ..Default::default()
@@ -189,6 +199,15 @@ impl Hub {
                 .count(),
             nodes: st.nodes.len(),
         }
+    }
+
+    /// Rooms with at least one seat.
+    pub fn active_rooms(&self) -> std::collections::HashSet<String> {
+        self.lock().rooms.keys().cloned().collect()
+    }
+
+    pub fn chat_store(&self) -> &Arc<dyn ChatStore> {
+        &self.chat
     }
 
     /// Room → node placement, for operators and tests.
@@ -280,6 +299,8 @@ impl Hub {
             publishing: false,
             node: node.clone(),
             session: Some(Session { conn, tx }),
+            chat_ready: false,
+            chat_bucket: ChatBucket::new(),
             disconnect_epoch: 0,
         };
         let info = p.info();
@@ -289,6 +310,7 @@ impl Hub {
                 participant: id,
                 room: claims.room.clone(),
                 identity: claims.sub.clone(),
+                name: claims.display_name().to_string(),
                 publish: claims.grants.publish,
                 subscribe: claims.grants.subscribe,
             });
@@ -525,6 +547,28 @@ impl Hub {
                     p.send(ServerMessage::Error { code, message });
                 }
             }
+            FromNode::ChatReady { participant } => {
+                let Some(p) = st
+                    .participants
+                    .get_mut(&participant)
+                    .filter(|p| p.node == node_id)
+                else {
+                    return;
+                };
+                p.chat_ready = true;
+                let room = p.room.clone();
+                let frame = match self.chat.recent(&room, self.config.chat.history) {
+                    Ok(messages) => ChatServerFrame::History { messages },
+                    Err(e) => {
+                        warn!(%room, "chat history unavailable: {e:#}");
+                        ChatServerFrame::History { messages: vec![] }
+                    }
+                };
+                send_chat(&st, node_id, vec![participant], &frame);
+            }
+            FromNode::ChatIn { participant, data } => {
+                self.chat_in(&mut st, node_id, participant, &data)
+            }
             FromNode::Hello { .. } | FromNode::Auth { .. } => {
                 warn!(
                     node = node_id,
@@ -532,6 +576,183 @@ impl Hub {
                 );
             }
         }
+    }
+
+    /// One frame from a participant's chat channel: every chat rule is applied here.
+    fn chat_in(&self, st: &mut State, node_id: &str, participant: u64, data: &str) {
+        let Some(p) = st
+            .participants
+            .get_mut(&participant)
+            .filter(|p| p.node == node_id)
+        else {
+            return;
+        };
+        let error = |code: ChatErrorCode, message: &str, reference: Option<String>| {
+            ChatServerFrame::Error {
+                code,
+                message: message.to_string(),
+                reference,
+            }
+        };
+        let frame: ChatClientFrame = match serde_json::from_str(data) {
+            Ok(f) => f,
+            Err(e) => {
+                let f = error(
+                    ChatErrorCode::ChatInvalid,
+                    &format!("not a chat frame: {e}"),
+                    None,
+                );
+                return send_chat(st, node_id, vec![participant], &f);
+            }
+        };
+        let room = p.room.clone();
+        match frame {
+            ChatClientFrame::Send { text, reference } => {
+                if reference
+                    .as_ref()
+                    .is_some_and(|r| r.chars().count() > MAX_REF_CHARS)
+                {
+                    let f = error(
+                        ChatErrorCode::ChatInvalid,
+                        "ref is longer than 64 characters",
+                        None,
+                    );
+                    return send_chat(st, node_id, vec![participant], &f);
+                }
+                let chars = text.chars().count();
+                let rejected = if !p.grants.publish_data {
+                    Some(error(
+                        ChatErrorCode::ChatForbidden,
+                        "your access token does not allow sending chat messages",
+                        reference.clone(),
+                    ))
+                } else if chars == 0 || text.trim().is_empty() {
+                    Some(error(
+                        ChatErrorCode::ChatTooLong,
+                        "message is empty",
+                        reference.clone(),
+                    ))
+                } else if chars > MAX_CHAT_CHARS {
+                    Some(error(
+                        ChatErrorCode::ChatTooLong,
+                        &format!("message has {chars} characters; the limit is {MAX_CHAT_CHARS}"),
+                        reference.clone(),
+                    ))
+                } else if !p
+                    .chat_bucket
+                    .take(&self.config.chat, std::time::Instant::now())
+                {
+                    Some(error(
+                        ChatErrorCode::ChatRateLimited,
+                        "you are sending messages too fast (limit 5 per second)",
+                        reference.clone(),
+                    ))
+                } else {
+                    None
+                };
+                if let Some(f) = rejected {
+                    return send_chat(st, node_id, vec![participant], &f);
+                }
+                let from = Sender {
+                    identity: p.identity.clone(),
+                    name: p.name.clone(),
+                };
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let message = match self.chat.append(&room, &from, &text, ts) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(%room, "chat store failed: {e:#}");
+                        let f = error(
+                            ChatErrorCode::ChatInvalid,
+                            "the message could not be stored; try again",
+                            reference,
+                        );
+                        return send_chat(st, node_id, vec![participant], &f);
+                    }
+                };
+                let others = chat_members(st, &room, Some(participant));
+                send_chat(
+                    st,
+                    node_id,
+                    others,
+                    &ChatServerFrame::Message {
+                        message: message.clone(),
+                        reference: None,
+                    },
+                );
+                send_chat(
+                    st,
+                    node_id,
+                    vec![participant],
+                    &ChatServerFrame::Message { message, reference },
+                );
+            }
+            ChatClientFrame::Delete { id } => {
+                let admin = p.grants.admin;
+                let identity = p.identity.clone();
+                let outcome = match self.chat.author(&room, id) {
+                    Ok(None) => Err(error(
+                        ChatErrorCode::ChatNotFound,
+                        "no such message in this room",
+                        None,
+                    )),
+                    Ok(Some(author)) if author != identity && !admin => Err(error(
+                        ChatErrorCode::ChatForbidden,
+                        "you can only delete your own messages",
+                        None,
+                    )),
+                    Ok(Some(_)) => self.chat.delete(&room, id).map_err(|e| {
+                        error(
+                            ChatErrorCode::ChatInvalid,
+                            &format!("delete failed: {e}"),
+                            None,
+                        )
+                    }),
+                    Err(e) => Err(error(
+                        ChatErrorCode::ChatInvalid,
+                        &format!("delete failed: {e}"),
+                        None,
+                    )),
+                };
+                match outcome {
+                    Ok(_) => {
+                        let all = chat_members(st, &room, None);
+                        send_chat(st, node_id, all, &ChatServerFrame::Deleted { id });
+                    }
+                    Err(f) => send_chat(st, node_id, vec![participant], &f),
+                }
+            }
+        }
+    }
+}
+
+/// Participants of `room` whose chat channel is ready, optionally without one.
+fn chat_members(st: &State, room: &str, except: Option<u64>) -> Vec<u64> {
+    st.rooms
+        .get(room)
+        .map(|r| {
+            r.participants
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != except)
+                .filter(|id| st.participants.get(id).is_some_and(|p| p.chat_ready))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn send_chat(st: &State, node_id: &str, participants: Vec<u64>, frame: &ChatServerFrame) {
+    if participants.is_empty() {
+        return;
+    }
+    if let Some(n) = st.nodes.get(node_id) {
+        let _ = n.tx.send(ToNode::ChatTo {
+            participants,
+            data: frame.to_json(),
+        });
     }
 }
 
@@ -696,5 +917,268 @@ mod tests {
         assert!(!sdp_sends_media(data));
         assert!(sdp_sends_media(mixed));
         assert!(!sdp_sends_media("hello"));
+    }
+}
+
+#[cfg(test)]
+mod chat_tests {
+    use super::*;
+    use crate::chat::MemoryStore;
+    use chorus_protocol::chat::ChatMessage;
+
+    struct Fixture {
+        hub: Arc<Hub>,
+        node_rx: mpsc::UnboundedReceiver<ToNode>,
+        _sessions: Vec<mpsc::Receiver<Outbound>>,
+    }
+
+    fn claims(identity: &str, grants: Grants) -> Claims {
+        Claims {
+            iss: "k".into(),
+            sub: identity.into(),
+            name: Some(identity.to_uppercase()),
+            room: "room".into(),
+            exp: u64::MAX,
+            nbf: None,
+            grants,
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let hub = Hub::new(
+            HubConfig {
+                reconnect_grace: Duration::from_secs(15),
+                ice_servers: vec![],
+                turn: None,
+                chat: ChatConfig::default(),
+            },
+            Arc::new(MemoryStore::new(1000)),
+        );
+        let (tx, node_rx) = mpsc::unbounded_channel();
+        hub.register_node("n", tx).unwrap();
+        Fixture {
+            hub,
+            node_rx,
+            _sessions: vec![],
+        }
+    }
+
+    impl Fixture {
+        fn join(&mut self, identity: &str, grants: Grants) -> u64 {
+            let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+            self._sessions.push(rx);
+            let j = self
+                .hub
+                .join(
+                    &claims(identity, grants),
+                    false,
+                    self._sessions.len() as u64,
+                    tx,
+                )
+                .unwrap();
+            self.hub.node_event(
+                "n",
+                FromNode::ChatReady {
+                    participant: j.participant,
+                },
+            );
+            j.participant
+        }
+
+        fn say(&self, p: u64, data: &str) {
+            self.hub.node_event(
+                "n",
+                FromNode::ChatIn {
+                    participant: p,
+                    data: data.to_string(),
+                },
+            );
+        }
+
+        /// Every chat frame sent since the last call, as (recipients, frame).
+        fn chat_out(&mut self) -> Vec<(Vec<u64>, ChatServerFrame)> {
+            let mut out = vec![];
+            while let Ok(m) = self.node_rx.try_recv() {
+                if let ToNode::ChatTo { participants, data } = m {
+                    out.push((participants, serde_json::from_str(&data).unwrap()));
+                }
+            }
+            out
+        }
+    }
+
+    fn error_code(frames: &[(Vec<u64>, ChatServerFrame)]) -> Option<ChatErrorCode> {
+        frames.iter().find_map(|(_, f)| match f {
+            ChatServerFrame::Error { code, .. } => Some(*code),
+            _ => None,
+        })
+    }
+
+    fn messages(frames: &[(Vec<u64>, ChatServerFrame)], to: u64) -> Vec<ChatMessage> {
+        frames
+            .iter()
+            .filter(|(r, _)| r.contains(&to))
+            .filter_map(|(_, f)| match f {
+                ChatServerFrame::Message { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn messages_reach_everyone_in_order_with_server_ids_and_history_for_late_joiners() {
+        let mut f = fixture();
+        let a = f.join("ana", Grants::default_participant());
+        let b = f.join("bo", Grants::default_participant());
+        f.chat_out();
+        f.say(a, r#"{"type":"send","text":"one","ref":"r1"}"#);
+        f.say(b, r#"{"type":"send","text":"two"}"#);
+        f.say(
+            a,
+            r#"{"type":"send","text":"<img src=x onerror=alert(1)>"}"#,
+        );
+        let out = f.chat_out();
+        let to_b = messages(&out, b);
+        assert_eq!(
+            to_b.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["one", "two", "<img src=x onerror=alert(1)>"]
+        );
+        assert!(to_b.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(to_b[0].from.identity, "ana");
+        assert_eq!(to_b[0].from.name, "ANA");
+        // The sender's own copy carries its ref; the others' do not.
+        let own_ref = out.iter().find_map(|(r, fr)| match fr {
+            ChatServerFrame::Message {
+                reference: Some(x), ..
+            } if r == &vec![a] => Some(x.clone()),
+            _ => None,
+        });
+        assert_eq!(own_ref.as_deref(), Some("r1"));
+
+        let c = f.join("cy", Grants::default_participant());
+        let out = f.chat_out();
+        let history = out.iter().find_map(|(r, fr)| match fr {
+            ChatServerFrame::History { messages } if r == &vec![c] => Some(messages.clone()),
+            _ => None,
+        });
+        assert_eq!(history.map(|h| h.len()), Some(3));
+    }
+
+    #[test]
+    fn limits_and_permissions_are_errors_to_the_sender_only() {
+        let mut f = fixture();
+        let reader_grants = Grants {
+            publish_data: false,
+            ..Grants::default_participant()
+        };
+        let a = f.join("ana", Grants::default_participant());
+        let r = f.join("reader", reader_grants);
+        f.chat_out();
+
+        f.say(r, r#"{"type":"send","text":"hi","ref":"x"}"#);
+        let out = f.chat_out();
+        assert_eq!(error_code(&out), Some(ChatErrorCode::ChatForbidden));
+        assert!(
+            out.iter().all(|(to, _)| to == &vec![r]),
+            "nothing delivered: {out:?}"
+        );
+
+        let long = "é".repeat(4001);
+        f.say(a, &format!(r#"{{"type":"send","text":"{long}"}}"#));
+        assert_eq!(error_code(&f.chat_out()), Some(ChatErrorCode::ChatTooLong));
+        let exact = "é".repeat(4000);
+        f.say(a, &format!(r#"{{"type":"send","text":"{exact}"}}"#));
+        assert_eq!(
+            messages(&f.chat_out(), r).len(),
+            1,
+            "4000 characters is allowed"
+        );
+        f.say(a, r#"{"type":"send","text":"   "}"#);
+        assert_eq!(error_code(&f.chat_out()), Some(ChatErrorCode::ChatTooLong));
+        for bad in [
+            "nope",
+            r#"{"type":"send"}"#,
+            r#"{"type":"shout","text":"x"}"#,
+            "[1,2]",
+        ] {
+            f.say(a, bad);
+            assert_eq!(
+                error_code(&f.chat_out()),
+                Some(ChatErrorCode::ChatInvalid),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limit_keeps_the_first_messages_and_reports_the_rest() {
+        let mut f = fixture();
+        let a = f.join("ana", Grants::default_participant());
+        let b = f.join("bo", Grants::default_participant());
+        f.chat_out();
+        for i in 0..30 {
+            f.say(
+                a,
+                &format!(r#"{{"type":"send","text":"m{i}","ref":"{i}"}}"#),
+            );
+        }
+        let out = f.chat_out();
+        let got = messages(&out, b);
+        assert!((10..=11).contains(&got.len()), "{} delivered", got.len());
+        assert_eq!(got[0].text, "m0");
+        let limited = out
+            .iter()
+            .filter(|(_, fr)| {
+                matches!(
+                    fr,
+                    ChatServerFrame::Error {
+                        code: ChatErrorCode::ChatRateLimited,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(limited + got.len(), 30);
+    }
+
+    #[test]
+    fn delete_own_message_or_any_as_admin() {
+        let mut f = fixture();
+        let a = f.join("ana", Grants::default_participant());
+        let b = f.join("bo", Grants::default_participant());
+        let admin = f.join(
+            "mod",
+            Grants {
+                admin: true,
+                ..Grants::default_participant()
+            },
+        );
+        f.chat_out();
+        f.say(a, r#"{"type":"send","text":"a1"}"#);
+        f.say(a, r#"{"type":"send","text":"a2"}"#);
+        let ids: Vec<u64> = messages(&f.chat_out(), b).iter().map(|m| m.id).collect();
+
+        f.say(b, &format!(r#"{{"type":"delete","id":{}}}"#, ids[0]));
+        assert_eq!(
+            error_code(&f.chat_out()),
+            Some(ChatErrorCode::ChatForbidden)
+        );
+        f.say(a, &format!(r#"{{"type":"delete","id":{}}}"#, ids[0]));
+        let out = f.chat_out();
+        let deleted_to: Vec<u64> = out
+            .iter()
+            .filter(|(_, fr)| matches!(fr, ChatServerFrame::Deleted { .. }))
+            .flat_map(|(to, _)| to.clone())
+            .collect();
+        assert_eq!(deleted_to.len(), 3, "everyone hears of the deletion");
+        f.say(admin, &format!(r#"{{"type":"delete","id":{}}}"#, ids[1]));
+        assert!(f
+            .chat_out()
+            .iter()
+            .any(|(_, fr)| matches!(fr, ChatServerFrame::Deleted { id } if *id == ids[1])));
+        f.say(a, &format!(r#"{{"type":"delete","id":{}}}"#, ids[1]));
+        assert_eq!(error_code(&f.chat_out()), Some(ChatErrorCode::ChatNotFound));
+        // The history reflects the deletions.
+        assert!(f.hub.chat_store().recent("room", 10).unwrap().is_empty());
     }
 }

@@ -5,6 +5,7 @@
 //! between clients and nodes, hands out ICE servers, and serves the web client. The
 //! client protocol is `docs/protocol.md`; the node protocol is `docs/control-protocol.md`.
 
+pub mod chat;
 pub mod control;
 pub mod http;
 pub mod hub;
@@ -44,6 +45,9 @@ pub struct SignalingConfig {
     pub reconnect_grace: Duration,
     pub ice_servers: Vec<IceServer>,
     pub turn: Option<TurnRest>,
+    /// Where chat history is kept: a SQLite file, or memory when `None`.
+    pub chat_db: Option<PathBuf>,
+    pub chat: chat::ChatConfig,
 }
 
 /// A running signaling service.
@@ -65,11 +69,19 @@ impl Signaling {
         if config.node_secret.len() < 8 {
             anyhow::bail!("the node secret must be at least 8 characters");
         }
-        let hub = Hub::new(HubConfig {
-            reconnect_grace: config.reconnect_grace,
-            ice_servers: config.ice_servers.clone(),
-            turn: config.turn.clone(),
-        });
+        let store: Arc<dyn chat::ChatStore> = match &config.chat_db {
+            Some(path) => Arc::new(chat::SqliteStore::open(path)?),
+            None => Arc::new(chat::MemoryStore::new(config.chat.history.max(1000))),
+        };
+        let hub = Hub::new(
+            HubConfig {
+                reconnect_grace: config.reconnect_grace,
+                ice_servers: config.ice_servers.clone(),
+                turn: config.turn.clone(),
+                chat: config.chat.clone(),
+            },
+            store,
+        );
 
         let identity = match &config.control_cert {
             Some((c, k)) => control::ControlIdentity::from_pem_files(c, k)?,
@@ -122,6 +134,25 @@ impl Signaling {
                     .with_context(|| format!("binding HTTPS listener on {}", config.listen))?
             }
         };
+        // Forget the chat of rooms that have been empty and quiet for the retention time.
+        let purge_hub = hub.clone();
+        let retention = config.chat.retention;
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let cutoff = std::time::SystemTime::now()
+                    .checked_sub(retention)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                let active = purge_hub.active_rooms();
+                match purge_hub.chat_store().purge_idle(cutoff, &active) {
+                    Ok(0) => {}
+                    Ok(n) => info!(messages = n, "purged chat history of idle rooms"),
+                    Err(e) => tracing::warn!("chat purge failed: {e:#}"),
+                }
+            }
+        }));
         info!(%http_addr, %control_addr, "signaling listening");
         Ok(Signaling {
             http_addr,
