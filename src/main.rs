@@ -83,6 +83,13 @@ struct DevArgs {
     /// Do not start the TURN relay (clients then need a direct UDP path to the SFU).
     #[arg(long)]
     no_turn: bool,
+    #[command(flatten)]
+    chat: ChatArgs,
+}
+
+/// Chat history settings, shared by `dev` and `signaling`.
+#[derive(Args)]
+struct ChatArgs {
     /// Directory for persistent state (the chat history database).
     #[arg(long, default_value = "chorus-data", env = "CHORUS_DATA_DIR")]
     data_dir: PathBuf,
@@ -95,6 +102,20 @@ struct DevArgs {
     /// How long an empty room's chat history is kept after its last message.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "CHORUS_CHAT_RETENTION")]
     chat_retention: Duration,
+}
+
+impl ChatArgs {
+    fn store_path(&self) -> Option<PathBuf> {
+        (!self.chat_memory).then(|| self.data_dir.join("chat.sqlite3"))
+    }
+
+    fn config(&self) -> chorus_signaling::chat::ChatConfig {
+        chorus_signaling::chat::ChatConfig {
+            history: self.chat_history,
+            retention: self.chat_retention,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -156,18 +177,8 @@ struct SignalingArgs {
     /// Lifetime of minted TURN credentials.
     #[arg(long, default_value = "6h", value_parser = humantime::parse_duration, env = "CHORUS_TURN_TTL")]
     turn_ttl: Duration,
-    /// Directory for persistent state (the chat history database).
-    #[arg(long, default_value = "chorus-data", env = "CHORUS_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Keep chat history in memory only (lost on restart).
-    #[arg(long)]
-    chat_memory: bool,
-    /// Chat messages a joiner receives as history.
-    #[arg(long, default_value_t = 200, env = "CHORUS_CHAT_HISTORY")]
-    chat_history: usize,
-    /// How long an empty room's chat history is kept after its last message.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "CHORUS_CHAT_RETENTION")]
-    chat_retention: Duration,
+    #[command(flatten)]
+    chat: ChatArgs,
 }
 
 #[derive(Args)]
@@ -358,8 +369,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         reconnect_grace: a.reconnect_grace,
         ice_servers: vec![],
         turn: turn_rest,
-        chat_db: (!a.chat_memory).then(|| a.data_dir.join("chat.sqlite3")),
-        chat: chat_config(a.chat_history, a.chat_retention),
+        chat_db: a.chat.store_path(),
+        chat: a.chat.config(),
     })
     .await?;
     let node = Node::start(NodeConfig {
@@ -414,14 +425,6 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     drop(node);
     sig.shutdown();
     Ok(())
-}
-
-fn chat_config(history: usize, retention: Duration) -> chorus_signaling::chat::ChatConfig {
-    chorus_signaling::chat::ChatConfig {
-        history,
-        retention,
-        ..Default::default()
-    }
 }
 
 /// Starts the bundled relay for dev mode: REST credentials with a fresh secret, and
@@ -513,8 +516,8 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
         reconnect_grace: a.reconnect_grace,
         ice_servers,
         turn,
-        chat_db: (!a.chat_memory).then(|| a.data_dir.join("chat.sqlite3")),
-        chat: chat_config(a.chat_history, a.chat_retention),
+        chat_db: a.chat.store_path(),
+        chat: a.chat.config(),
     })
     .await?;
     if a.control_cert.is_none() {
