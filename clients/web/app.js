@@ -14,6 +14,29 @@ const muteButton = $("mute-button");
 const leaveButton = $("leave-button");
 const errorBox = document.querySelector('[data-testid="error-message"]');
 const sinks = $("audio-sinks");
+const card = document.querySelector("main.card");
+const chatList = $("chat-messages");
+const chatEmpty = $("chat-empty");
+const chatForm = $("chat-form");
+const chatInput = $("chat-input");
+const chatSend = $("chat-send");
+const chatHint = $("chat-hint");
+const chatErrorBox = $("chat-error");
+const typingLine = $("typing-indicator");
+
+/** Server limit on a message's length, in Unicode scalar values (docs/protocol.md). */
+const CHAT_MAX_CHARS = 4000;
+/** A typing indicator without a refresh (senders repeat every 2 s) disappears after this. */
+const TYPING_TTL_MS = 5000;
+
+const CHAT_ERROR_TEXT = {
+  chat_rate_limited: "You're sending messages too fast — slow down.",
+  chat_too_long: `Messages must be 1 to ${CHAT_MAX_CHARS} characters long.`,
+  chat_forbidden: "You are not allowed to do that in this chat.",
+  chat_not_found: "That message no longer exists.",
+  chat_invalid: "The server did not understand that chat message.",
+  chat_not_ready: "The chat is not connected yet — try again in a moment.",
+};
 
 const ERROR_TEXT = {
   token_expired: "Your access token has expired — rejoin to get a new one.",
@@ -41,6 +64,14 @@ const urlToken = params.get("token");
 /** @type {ChorusClient|null} */
 let client = null;
 let errorTimer = null;
+let chatErrorTimer = null;
+/** Message text of our sends still waiting for the server, by ref (restored on error). */
+const pendingSends = new Map();
+/** Who is typing: identity → {name, until}. */
+const typingPeople = new Map();
+let typingTimer = null;
+/** For tests and measurements: message id → performance.now() when first rendered. */
+window.chatRenderedAt = new Map();
 
 // ------------------------------------------------------------------ setup
 
@@ -70,6 +101,21 @@ leaveButton.addEventListener("click", () => {
   if (!client) return;
   client.leave();
   showJoin();
+});
+chatForm.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sendChatFromInput();
+});
+chatInput.addEventListener("keydown", (ev) => {
+  // Enter sends; Shift+Enter starts a new line.
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    sendChatFromInput();
+  }
+});
+chatInput.addEventListener("input", () => {
+  if (!client) return;
+  client.setTyping(chatInput.value.length > 0);
 });
 window.addEventListener("pagehide", () => {
   if (client && client.state !== "disconnected") client.leave();
@@ -146,6 +192,8 @@ function wire(c) {
   c.addEventListener("joined", (e) => {
     if (c !== client) return;
     roomName.textContent = e.detail.room;
+    chatInput.placeholder = `Message #${e.detail.room}`;
+    renderChatControls();
     renderParticipants();
     syncAudio();
     renderControls();
@@ -177,6 +225,49 @@ function wire(c) {
     if (e.detail.reason === "replaced") showError("You joined this channel from somewhere else.");
     else if (e.detail.reason && e.detail.reason !== "left") showError(`You left the channel (${e.detail.reason}).`);
   });
+  c.addEventListener("chat-ready", () => {
+    if (c === client) renderChatControls();
+  });
+  c.addEventListener("chat-closed", () => {
+    if (c === client) renderChatControls();
+  });
+  c.addEventListener("chat-history", (e) => {
+    if (c === client) renderChatHistory(e.detail.messages);
+  });
+  c.addEventListener("chat-message", (e) => {
+    if (c !== client) return;
+    const m = e.detail;
+    if (m.ref) pendingSends.delete(m.ref);
+    if (m.from && typingPeople.delete(m.from.identity)) renderTyping();
+    insertChatMessage(m);
+  });
+  c.addEventListener("chat-deleted", (e) => {
+    if (c !== client) return;
+    const el = chatList.querySelector(`[data-testid="chat-message"][data-id="${CSS.escape(String(e.detail.id))}"]`);
+    if (el) el.remove();
+    renderChatEmpty();
+  });
+  c.addEventListener("chat-error", (e) => {
+    if (c !== client) return;
+    const { code, message, ref } = e.detail;
+    const text = ref ? pendingSends.get(ref) : undefined;
+    if (ref) pendingSends.delete(ref);
+    // Give the text back if the input is free, so nothing typed is lost.
+    if (text !== undefined && chatInput.value === "" && !chatInput.disabled) chatInput.value = text;
+    showChatError(CHAT_ERROR_TEXT[code] || `The message was not sent: ${message || code}`, code);
+  });
+  c.addEventListener("typing", (e) => {
+    if (c !== client) return;
+    const { from, typing } = e.detail;
+    if (!from || !from.identity || (client.self && from.identity === client.self.identity)) return;
+    if (typing) typingPeople.set(from.identity, { name: from.name || from.identity, until: performance.now() + TYPING_TTL_MS });
+    else typingPeople.delete(from.identity);
+    renderTyping();
+  });
+  c.addEventListener("participant-left", (e) => {
+    if (c !== client) return;
+    if (typingPeople.delete(e.detail.identity)) renderTyping();
+  });
   c.addEventListener("error", (e) => {
     if (c !== client) return;
     const { code, message } = e.detail;
@@ -192,8 +283,10 @@ function wire(c) {
 function showRoom(room) {
   form.hidden = true;
   roomView.hidden = false;
+  card.classList.add("in-room");
   roomName.textContent = room || "";
   list.replaceChildren();
+  resetChat();
   renderState("connecting");
   renderControls();
 }
@@ -201,7 +294,9 @@ function showRoom(room) {
 function showJoin() {
   roomView.hidden = true;
   form.hidden = false;
+  card.classList.remove("in-room");
   list.replaceChildren();
+  resetChat();
   for (const el of [...sinks.children]) removeAudio(el.dataset.sid);
 }
 
@@ -254,6 +349,218 @@ function makeEntry() {
     '<path d="M9 9v3a3 3 0 0 0 5.1 2.1M15 9.3V5a3 3 0 0 0-5.9-.8"/><path d="M19 11a7 7 0 0 1-1.1 3.8M5 11a7 7 0 0 0 11.3 5.5"/>' +
     '<path d="M12 18v3"/><path d="M3 3l18 18"/></svg>';
   return li;
+}
+
+// ------------------------------------------------------------------ chat
+
+function canSendChat() {
+  return !!(client && client.grants && client.grants.publish_data);
+}
+
+function renderChatControls() {
+  const joined = !!(client && client.grants);
+  const allowed = canSendChat();
+  const ready = !!(client && client.chatReady);
+  chatHint.hidden = !joined || allowed;
+  chatInput.disabled = !allowed || !ready;
+  chatSend.disabled = !allowed || !ready;
+  if (joined && !allowed) chatInput.placeholder = "Read only";
+  else if (!ready) chatInput.placeholder = "Connecting chat…";
+  else chatInput.placeholder = `Message #${client.room || ""}`;
+}
+
+function sendChatFromInput() {
+  if (!client || chatSend.disabled) return;
+  const text = chatInput.value;
+  if (text.trim() === "") return;
+  if ([...text].length > CHAT_MAX_CHARS) {
+    showChatError(CHAT_ERROR_TEXT.chat_too_long, "chat_too_long");
+    return;
+  }
+  const ref = client.sendChat(text);
+  pendingSends.set(ref, text);
+  if (pendingSends.size > 200) pendingSends.delete(pendingSends.keys().next().value);
+  chatInput.value = "";
+  chatInput.focus();
+}
+
+function resetChat() {
+  chatList.replaceChildren();
+  typingPeople.clear();
+  pendingSends.clear();
+  renderTyping();
+  clearChatError();
+  renderChatEmpty();
+  renderChatControls();
+}
+
+function renderChatEmpty() {
+  chatEmpty.hidden = chatList.children.length > 0;
+}
+
+function renderChatHistory(messages) {
+  const keep = new Set(messages.map((m) => String(m.id)));
+  for (const el of [...chatList.children]) if (!keep.has(el.dataset.id)) el.remove();
+  const stick = nearBottom();
+  for (const m of messages) insertChatMessage(m, false);
+  renderChatEmpty();
+  if (stick) scrollToBottom();
+}
+
+/** Put message `m` in id order; a message already shown is left alone. */
+function insertChatMessage(m, autoscroll = true) {
+  const id = String(m.id);
+  if (chatList.querySelector(`[data-testid="chat-message"][data-id="${CSS.escape(id)}"]`)) return;
+  const stick = autoscroll && (nearBottom() || m.own);
+  const el = makeChatMessage(m);
+  // Usually the newest: walk back from the end to the first smaller id.
+  let after = chatList.lastElementChild;
+  while (after && Number(after.dataset.id) > m.id) after = after.previousElementSibling;
+  if (after) after.after(el);
+  else chatList.prepend(el);
+  const at = performance.now();
+  el.dataset.renderedAt = String(at);
+  window.chatRenderedAt.set(m.id, at);
+  renderChatEmpty();
+  if (stick) scrollToBottom();
+}
+
+function makeChatMessage(m) {
+  const from = m.from || {};
+  const li = document.createElement("li");
+  li.className = "chat-msg";
+  li.dataset.testid = "chat-message";
+  li.dataset.id = String(m.id);
+  li.dataset.from = from.identity || "";
+  li.dataset.own = String(!!m.own);
+
+  const meta = document.createElement("div");
+  meta.className = "chat-meta";
+  const who = document.createElement("span");
+  who.className = "chat-from";
+  who.dataset.testid = "chat-from";
+  who.textContent = from.name || from.identity || "?";
+  who.title = from.identity || "";
+  const when = document.createElement("time");
+  when.className = "chat-time";
+  when.dataset.testid = "chat-time";
+  if (m.ts) {
+    const d = new Date(m.ts);
+    when.dateTime = d.toISOString();
+    when.title = d.toLocaleString();
+    when.textContent = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+  meta.append(who, when);
+  const isAdmin = !!(client && client.grants && client.grants.admin);
+  if (m.own || isAdmin) {
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "chat-delete";
+    del.dataset.testid = "chat-delete";
+    del.title = "Delete message";
+    del.setAttribute("aria-label", "Delete message");
+    del.textContent = "×";
+    del.addEventListener("click", () => {
+      if (client) client.deleteChat(m.id);
+    });
+    meta.append(del);
+  }
+
+  const body = document.createElement("div");
+  body.className = "chat-text";
+  body.dataset.testid = "chat-text";
+  body.append(...linkify(m.text));
+  li.append(meta, body);
+  return li;
+}
+
+/**
+ * Message text as DOM nodes: text nodes, plus <a> for http(s) URLs. Never HTML: the text
+ * only ever reaches the page through text nodes and validated href attributes.
+ */
+function linkify(text) {
+  const nodes = [];
+  const re = /\bhttps?:\/\/[^\s<>"'`]+/gi;
+  let last = 0;
+  let m;
+  while ((m = re.exec(text))) {
+    let url = m[0];
+    // Trailing punctuation usually ends the sentence, not the URL; keep balanced ")".
+    for (;;) {
+      const ch = url.slice(-1);
+      if (/[.,;:!?'"\]}]/.test(ch)) url = url.slice(0, -1);
+      else if (ch === ")" && count(url, "(") < count(url, ")")) url = url.slice(0, -1);
+      else break;
+    }
+    const start = m.index;
+    re.lastIndex = start + url.length;
+    if (!isWebUrl(url)) continue;
+    if (start > last) nodes.push(document.createTextNode(text.slice(last, start)));
+    const a = document.createElement("a");
+    a.href = url;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    a.textContent = url;
+    nodes.push(a);
+    last = start + url.length;
+  }
+  if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
+  return nodes;
+}
+
+function count(s, ch) {
+  return s.split(ch).length - 1;
+}
+
+function isWebUrl(s) {
+  if (!/^https?:\/\/./i.test(s)) return false;
+  try {
+    const u = new URL(s);
+    return (u.protocol === "http:" || u.protocol === "https:") && !!u.hostname;
+  } catch {
+    return false;
+  }
+}
+
+function nearBottom() {
+  return chatList.scrollHeight - chatList.scrollTop - chatList.clientHeight < 40;
+}
+
+function scrollToBottom() {
+  chatList.scrollTop = chatList.scrollHeight;
+}
+
+function renderTyping() {
+  clearTimeout(typingTimer);
+  const now = performance.now();
+  for (const [id, t] of typingPeople) if (t.until <= now) typingPeople.delete(id);
+  const names = [...typingPeople.values()].map((t) => t.name);
+  let text = "";
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length === 3) text = `${names[0]}, ${names[1]} and ${names[2]} are typing…`;
+  else if (names.length > 3) text = `${names[0]}, ${names[1]} and ${names.length - 2} others are typing…`;
+  typingLine.textContent = text;
+  typingLine.dataset.count = String(names.length);
+  if (names.length) {
+    const next = Math.min(...[...typingPeople.values()].map((t) => t.until)) - now;
+    typingTimer = setTimeout(renderTyping, Math.max(50, next));
+  }
+}
+
+function showChatError(text, code = "") {
+  clearTimeout(chatErrorTimer);
+  chatErrorBox.textContent = text;
+  chatErrorBox.dataset.code = code;
+  chatErrorBox.hidden = false;
+  chatErrorTimer = setTimeout(clearChatError, 8000);
+}
+
+function clearChatError() {
+  clearTimeout(chatErrorTimer);
+  chatErrorBox.hidden = true;
+  chatErrorBox.textContent = "";
+  chatErrorBox.dataset.code = "";
 }
 
 // ------------------------------------------------------------------ audio

@@ -18,6 +18,19 @@
 //   media-state          {state}   RTCPeerConnection.connectionState
 //   left                 {reason}  the server ended the session (e.g. "replaced")
 //   error                {code, message}
+//
+// Text chat (docs/protocol.md, "Text chat"), over two data channels on the same
+// RTCPeerConnection (created before the one offer, so they need no renegotiation):
+//   chat-ready           {}            the `chat` channel opened (sendChat works)
+//   chat-closed          {}            the `chat` channel closed
+//   chat-history         {messages}    the full ordered view after a `history` frame
+//   chat-message         message       {id, from: {identity, name}, text, ts, ref?, own}
+//   chat-deleted         {id}
+//   chat-error           {code, message, ref}
+//   typing               {from: {identity, name}, typing}
+//
+//   const ref = client.sendChat("hi"); client.deleteChat(id); client.setTyping(true);
+//   client.getChatMessages()  // ordered by id
 
 export const PROTOCOL_VERSION = 1;
 
@@ -30,6 +43,16 @@ const FATAL_CODES = new Set([
   "unsupported_protocol",
   "no_media_node",
 ]);
+
+/** Typing indicator throttling (ms): at most one `true` per interval, `false` after idle. */
+const TYPING_REPEAT_MS = 2000;
+const TYPING_IDLE_MS = 3000;
+
+function randomRef() {
+  const bytes = new Uint8Array(6);
+  crypto.getRandomValues(bytes);
+  return [...bytes].map((b) => b.toString(36).padStart(2, "0")).join("").slice(0, 10);
+}
 
 export class ChorusError extends Error {
   constructor(code, message) {
@@ -95,6 +118,22 @@ export class ChorusClient extends EventTarget {
     this._offerSent = false;
     this._micPromise = null;
     this._joinWaiter = null;
+
+    // Text chat.
+    /** @type {RTCDataChannel|null} */
+    this.chatChannel = null;
+    /** @type {RTCDataChannel|null} */
+    this.signalChannel = null;
+    this.chatReady = false;
+    /** Chat messages by id (see getChatMessages() for the ordered list). */
+    this.chatMessages = new Map();
+    /** For tests and measurements: ref → performance.now() when sendChat() sent it. */
+    this.chatTimings = new Map();
+    this._chatGotHistory = false;
+    this._chatEarly = []; // live messages that arrived on this channel before its history
+    this._typing = false;
+    this._typingSentAt = 0;
+    this._typingIdleTimer = null;
   }
 
   // ------------------------------------------------------------------ public API
@@ -115,6 +154,7 @@ export class ChorusClient extends EventTarget {
     this._hasSeat = false;
     this._reconnectAttempt = 0;
     this.timings = { connectStart: performance.now() };
+    this.chatMessages = new Map();
     // Acquire the microphone while the socket connects and the join is processed.
     if (this.options.publish && this.options.audio && !this._micPromise) {
       this._micPromise = this._acquireMic();
@@ -167,6 +207,65 @@ export class ChorusClient extends EventTarget {
       } catch {}
     }
     this._teardown("left");
+  }
+
+  // ------------------------------------------------------------------ chat API
+
+  /** Chat messages, oldest first (ordered by the server-assigned id). */
+  getChatMessages() {
+    return [...this.chatMessages.values()].sort((a, b) => a.id - b.id);
+  }
+
+  /**
+   * Send a chat message. Returns the `ref` it carries: our own copy comes back as a
+   * `chat-message` with that ref, or a `chat-error` names it.
+   */
+  sendChat(text) {
+    const ref = randomRef();
+    this.chatTimings.set(ref, performance.now());
+    if (this._typing) this._sendTyping(false);
+    const ok = this._sendOn(this.chatChannel, { type: "send", text: String(text), ref });
+    if (!ok) {
+      this.chatTimings.delete(ref);
+      // Asynchronously, like a server error, so callers can use the returned ref first.
+      queueMicrotask(() =>
+        this._emit("chat-error", { code: "chat_not_ready", message: "chat is not connected", ref }),
+      );
+    }
+    return ref;
+  }
+
+  /** Delete a chat message (our own, or any with the admin grant). */
+  deleteChat(id) {
+    const ok = this._sendOn(this.chatChannel, { type: "delete", id: Number(id) });
+    if (!ok) {
+      queueMicrotask(() =>
+        this._emit("chat-error", { code: "chat_not_ready", message: "chat is not connected", ref: null }),
+      );
+    }
+    return ok;
+  }
+
+  /**
+   * Tell the others whether we are typing (best effort, on the `signal` channel). Call it
+   * on every keystroke: at most one `true` goes out per 2 s, and `false` follows after
+   * 3 s without a call, on setTyping(false), or when a message is sent.
+   */
+  setTyping(typing) {
+    if (!typing) {
+      if (this._typing) this._sendTyping(false);
+      return;
+    }
+    const now = performance.now();
+    if (!this._typing || now - this._typingSentAt >= TYPING_REPEAT_MS) {
+      if (!this._sendOn(this.signalChannel, { type: "typing", typing: true })) return;
+      this._typing = true;
+      this._typingSentAt = now;
+    }
+    clearTimeout(this._typingIdleTimer);
+    this._typingIdleTimer = setTimeout(() => {
+      if (this._typing) this._sendTyping(false);
+    }, TYPING_IDLE_MS);
   }
 
   /** For tests: drop the socket as a network failure would (no `leave`). */
@@ -486,6 +585,8 @@ export class ChorusClient extends EventTarget {
       if (early) early.then((s) => s && s.getTracks().forEach((t) => t.stop()));
       pc.addTransceiver("audio", { direction: "recvonly" });
     }
+    // Chat channels: part of the one offer, so every participant (readers too) has them.
+    this._openChatChannels(pc);
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     if (pc !== this.pc) return;
@@ -549,7 +650,139 @@ export class ChorusClient extends EventTarget {
     return this._queue;
   }
 
+  // ------------------------------------------------------------------ chat channels
+
+  _openChatChannels(pc) {
+    this._closeChatChannels();
+    const chat = pc.createDataChannel("chat");
+    const signal = pc.createDataChannel("signal", { ordered: false, maxRetransmits: 0 });
+    this.chatChannel = chat;
+    this.signalChannel = signal;
+    this._chatGotHistory = false;
+    this._chatEarly = [];
+    chat.onopen = () => {
+      if (chat !== this.chatChannel) return;
+      this.chatReady = true;
+      this.timings.chatOpen ??= performance.now();
+      this._emit("chat-ready", {});
+    };
+    chat.onclose = () => {
+      if (chat !== this.chatChannel) return;
+      const was = this.chatReady;
+      this.chatReady = false;
+      if (was) this._emit("chat-closed", {});
+    };
+    chat.onerror = (ev) => {
+      if (chat !== this.chatChannel) return;
+      console.warn("chorus: chat channel error", ev && ev.error ? ev.error.message : ev);
+    };
+    chat.onmessage = (ev) => {
+      if (chat !== this.chatChannel) return;
+      const msg = parseFrame(ev.data);
+      if (msg) this._onChatFrame(msg);
+    };
+    signal.onmessage = (ev) => {
+      if (signal !== this.signalChannel) return;
+      const msg = parseFrame(ev.data);
+      if (msg && msg.type === "typing" && msg.from) {
+        this._emit("typing", { from: msg.from, typing: !!msg.typing });
+      }
+    };
+  }
+
+  _closeChatChannels() {
+    clearTimeout(this._typingIdleTimer);
+    this._typing = false;
+    for (const dc of [this.chatChannel, this.signalChannel]) {
+      if (!dc) continue;
+      dc.onopen = dc.onclose = dc.onerror = dc.onmessage = null;
+      try {
+        dc.close();
+      } catch {}
+    }
+    const was = this.chatReady;
+    this.chatChannel = null;
+    this.signalChannel = null;
+    this.chatReady = false;
+    if (was) this._emit("chat-closed", {});
+  }
+
+  _onChatFrame(msg) {
+    switch (msg.type) {
+      case "history": {
+        // The server's view is authoritative (it omits messages deleted meanwhile); keep
+        // only the live messages this channel delivered before its history.
+        const next = new Map();
+        for (const m of Array.isArray(msg.messages) ? msg.messages : []) {
+          const rec = normalizeMessage(m);
+          if (rec) next.set(rec.id, this._withOwn(rec, this.chatMessages.get(rec.id)));
+        }
+        for (const rec of this._chatEarly) if (!next.has(rec.id)) next.set(rec.id, rec);
+        this._chatEarly = [];
+        this._chatGotHistory = true;
+        this.chatMessages = new Map([...next.values()].sort((a, b) => a.id - b.id).map((m) => [m.id, m]));
+        this._emit("chat-history", { messages: this.getChatMessages() });
+        break;
+      }
+      case "message": {
+        const rec = normalizeMessage(msg);
+        if (!rec) return;
+        if (typeof msg.ref === "string") rec.ref = msg.ref;
+        const known = this.chatMessages.get(rec.id);
+        if (known) {
+          // Duplicate (history and live overlapped): keep one, learn the ref if new.
+          if (rec.ref && !known.ref) known.ref = rec.ref;
+          return;
+        }
+        const full = this._withOwn(rec);
+        if (!this._chatGotHistory) this._chatEarly.push(full);
+        this.chatMessages.set(full.id, full);
+        this._emit("chat-message", full);
+        break;
+      }
+      case "deleted": {
+        const id = Number(msg.id);
+        this._chatEarly = this._chatEarly.filter((m) => m.id !== id);
+        if (this.chatMessages.delete(id)) this._emit("chat-deleted", { id });
+        break;
+      }
+      case "error": {
+        const ref = typeof msg.ref === "string" ? msg.ref : null;
+        this._emit("chat-error", { code: msg.code || "chat_invalid", message: msg.message || msg.code || "", ref });
+        break;
+      }
+      default:
+        break; // forward compatibility
+    }
+  }
+
+  _withOwn(rec, previous) {
+    const own = !!(this.self && rec.from && rec.from.identity === this.self.identity);
+    const out = { ...rec, own };
+    if (!out.ref && previous && previous.ref) out.ref = previous.ref;
+    return out;
+  }
+
+  _sendTyping(typing) {
+    clearTimeout(this._typingIdleTimer);
+    this._typing = typing;
+    this._typingSentAt = typing ? performance.now() : 0;
+    this._sendOn(this.signalChannel, { type: "typing", typing });
+  }
+
+  _sendOn(dc, msg) {
+    if (!dc || dc.readyState !== "open") return false;
+    try {
+      dc.send(JSON.stringify(msg));
+      return true;
+    } catch (e) {
+      console.warn("chorus: data channel send failed", e);
+      return false;
+    }
+  }
+
   _closePeer() {
+    this._closeChatChannels();
     if (this.pc) {
       const pc = this.pc;
       this.pc = null;
@@ -609,6 +842,27 @@ export class ChorusClient extends EventTarget {
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+function parseFrame(data) {
+  if (typeof data !== "string") return null; // the protocol only has JSON text frames
+  try {
+    const msg = JSON.parse(data);
+    return msg && typeof msg === "object" && !Array.isArray(msg) ? msg : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A chat message object as the protocol describes it, or null when malformed. */
+function normalizeMessage(m) {
+  if (!m || typeof m !== "object") return null;
+  const id = Number(m.id);
+  if (!Number.isFinite(id) || typeof m.text !== "string") return null;
+  const from = m.from && typeof m.from === "object" ? m.from : {};
+  const identity = typeof from.identity === "string" ? from.identity : "";
+  const name = typeof from.name === "string" && from.name ? from.name : identity;
+  return { id, from: { identity, name }, text: m.text, ts: Number(m.ts) || 0 };
 }
 
 /** Decode a JWT's claims without verifying it (for display only). */

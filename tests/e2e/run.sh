@@ -41,7 +41,7 @@ mkdir -p fixtures
 if [ "$#" -gt 0 ]; then
   TESTS=("$@")
 else
-  TESTS=(voice.test.mjs room.test.mjs turn.test.mjs errors.test.mjs)
+  TESTS=(voice.test.mjs room.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs)
 fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.

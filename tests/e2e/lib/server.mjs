@@ -1,6 +1,7 @@
 // Start and stop a `chorus dev` server for one test file.
 import { spawn, execFileSync } from "node:child_process";
-import { createWriteStream, existsSync, mkdirSync, readFileSync } from "node:fs";
+import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -35,12 +36,21 @@ export async function startServer(name = "server", { timeoutMs = 30_000, extraAr
     ...extraArgs,
   ];
   log.write(`$ ${bin} ${args.join(" ")}\n`);
-  const proc = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env } });
+  // Persistent state (chat history) goes to a throwaway directory unless the caller picks
+  // one (`chorus dev` would otherwise create ./chorus-data in the working directory).
+  const env = { ...process.env };
+  let tmpData = null;
+  if (!extraArgs.includes("--data-dir") && !env.CHORUS_DATA_DIR) {
+    tmpData = mkdtempSync(path.join(os.tmpdir(), `chorus-e2e-${name}-`));
+    env.CHORUS_DATA_DIR = tmpData;
+  }
+  const proc = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"], env });
   const lines = [];
   let exited = null;
   const exitPromise = new Promise((resolve) => {
     proc.on("exit", (code, signal) => {
       exited = { code, signal };
+      if (tmpData) rmSync(tmpData, { recursive: true, force: true });
       log.write(`\n[process exited: code=${code} signal=${signal}]\n`);
       resolve(exited);
     });
