@@ -85,6 +85,8 @@ struct DevArgs {
     no_turn: bool,
     #[command(flatten)]
     chat: ChatArgs,
+    #[command(flatten)]
+    selection: SelectionArgs,
 }
 
 /// Chat history settings, shared by `dev` and `signaling`.
@@ -209,6 +211,28 @@ struct SfuArgs {
     /// Media worker threads, each with its own UDP port; rooms are spread across them.
     #[arg(long, default_value_t = 1, env = "CHORUS_WORKERS")]
     workers: usize,
+    #[command(flatten)]
+    selection: SelectionArgs,
+}
+
+/// Speaker selection settings, shared by `dev` and `sfu`.
+#[derive(Args)]
+struct SelectionArgs {
+    /// Rooms with more participants than this forward only the active speakers.
+    #[arg(long, default_value_t = 6, env = "CHORUS_SPEAKER_SELECTION_ABOVE")]
+    speaker_selection_above: usize,
+    /// How many speakers such rooms forward at once (the loudest).
+    #[arg(long, default_value_t = 3, env = "CHORUS_MAX_ACTIVE_SPEAKERS")]
+    max_active_speakers: usize,
+}
+
+impl SelectionArgs {
+    fn worker_config(&self) -> chorus_sfu::WorkerConfig {
+        chorus_sfu::WorkerConfig {
+            selection_above: self.speaker_selection_above,
+            max_active_speakers: self.max_active_speakers.max(1),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -381,6 +405,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         media_listen,
         advertise,
         workers: 1,
+        worker: a.selection.worker_config(),
     })
     .await?;
     // Print the URL only once the node is registered, so the first join cannot race it.
@@ -551,6 +576,7 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
         media_listen: a.media_listen,
         advertise: a.advertise_ip,
         workers: a.workers,
+        worker: a.selection.worker_config(),
     })
     .await?;
     eprintln!(

@@ -67,6 +67,7 @@ async fn start_node(sig: &Signaling, id: &str, secret: &str) -> Node {
         media_listen: "127.0.0.1:0".parse().unwrap(),
         advertise: vec![],
         workers: 1,
+        worker: Default::default(),
     })
     .await
     .unwrap()

@@ -12,3 +12,4 @@ pub mod node;
 pub mod worker;
 
 pub use node::{Node, NodeConfig};
+pub use worker::WorkerConfig;

@@ -18,7 +18,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::worker::Worker;
+use crate::worker::{Worker, WorkerConfig};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -35,6 +35,8 @@ pub struct NodeConfig {
     /// Addresses to advertise as ICE host candidates when `media_listen` is a wildcard.
     pub advertise: Vec<IpAddr>,
     pub workers: usize,
+    /// Speaker selection and other per-worker tunables.
+    pub worker: WorkerConfig,
 }
 
 enum WorkerCmd {
@@ -75,6 +77,7 @@ impl Node {
             let (tx, rx) = mpsc::unbounded_channel();
             senders.push(tx);
             let ev_tx = ev_tx.clone();
+            let wcfg = config.worker;
             std::thread::Builder::new()
                 .name(format!("chorus-sfu-worker-{i}"))
                 .spawn(move || {
@@ -87,7 +90,7 @@ impl Node {
                     };
                     rt.block_on(run_worker(
                         socket,
-                        Worker::new(local, candidates),
+                        Worker::with_config(local, candidates, wcfg),
                         rx,
                         ev_tx,
                     ));

@@ -58,6 +58,11 @@ struct Participant {
     signal: Option<ChannelId>,
     /// Start of the current one-second window of relayed signals, and its count.
     signal_window: (Instant, u32),
+    /// Smoothed RFC 6464 level (lower is louder), for ranking speakers.
+    level_ema: f32,
+    /// Whether this publisher's last packet was forwarded; when forwarding resumes
+    /// after a pause (muted, not selected) subscribers' numbering is resynced once.
+    forwarding: bool,
     rtc: Rtc,
     ufrag: String,
     publish: bool,
@@ -79,6 +84,11 @@ struct Participant {
 
 /// The media worker core.
 pub struct Worker {
+    config: WorkerConfig,
+    /// Rooms above the selection size → the speakers currently forwarded there.
+    selected: HashMap<String, Vec<u64>>,
+    /// Reused list of forwarding targets (no allocation per packet).
+    scratch: Vec<u64>,
     local_addr: SocketAddr,
     candidate_addrs: Vec<SocketAddr>,
     participants: HashMap<u64, Participant>,
@@ -94,6 +104,24 @@ pub struct Worker {
     stats: WorkerStats,
 }
 
+/// Tunables of a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    /// Rooms with more participants than this forward only selected speakers.
+    pub selection_above: usize,
+    /// At most this many speakers are forwarded at once in such rooms.
+    pub max_active_speakers: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            selection_above: 6,
+            max_active_speakers: 3,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WorkerStats {
     pub packets_in: u64,
@@ -105,7 +133,18 @@ impl Worker {
     /// `local_addr` is the socket's address; `candidate_addrs` are the addresses put in
     /// SDP as host candidates (the socket address itself when it is not a wildcard).
     pub fn new(local_addr: SocketAddr, candidate_addrs: Vec<SocketAddr>) -> Self {
+        Self::with_config(local_addr, candidate_addrs, WorkerConfig::default())
+    }
+
+    pub fn with_config(
+        local_addr: SocketAddr,
+        candidate_addrs: Vec<SocketAddr>,
+        config: WorkerConfig,
+    ) -> Self {
         Worker {
+            config,
+            selected: HashMap::new(),
+            scratch: Vec::new(),
             local_addr,
             candidate_addrs,
             participants: HashMap::new(),
@@ -218,6 +257,7 @@ impl Worker {
             self.last_tick = Some(now);
             self.detector.tick(now);
             self.flush_speaker_events();
+            self.update_selection();
             let gone: Vec<u64> = self
                 .participants
                 .values()
@@ -271,17 +311,11 @@ impl Worker {
             ToNode::SetMuted { participant, muted } => {
                 if let Some(p) = self.participants.get_mut(&participant) {
                     p.muted = muted;
+                    // Unmuting needs nothing here: the first forwarded packet after the
+                    // pause resyncs subscribers' numbering (see `forward`).
                     if muted {
                         self.detector.remove(participant);
                         self.flush_speaker_events();
-                    } else {
-                        // Packets sent while muted were not forwarded: close that gap in
-                        // every subscriber's numbering.
-                        for s in self.participants.values_mut() {
-                            if let Some(dt) = s.downtracks.get_mut(&participant) {
-                                dt.rewriter.resync();
-                            }
-                        }
                     }
                 }
             }
@@ -343,6 +377,8 @@ impl Worker {
                 chat: None,
                 signal: None,
                 signal_window: (now, 0),
+                level_ema: 127.0,
+                forwarding: true,
                 rtc,
                 ufrag,
                 publish,
@@ -715,36 +751,78 @@ impl Worker {
         }
     }
 
+    /// Which speakers each large room forwards: those the detector says are speaking,
+    /// loudest first, at most `max_active_speakers`. Small rooms forward everyone.
+    fn update_selection(&mut self) {
+        let (above, max) = (self.config.selection_above, self.config.max_active_speakers);
+        self.selected
+            .retain(|room, _| self.rooms.get(room).is_some_and(|m| m.len() > above));
+        for (room, members) in &self.rooms {
+            if members.len() <= above {
+                continue;
+            }
+            let sel = self.selected.entry(room.clone()).or_default();
+            sel.clear();
+            sel.extend(members.iter().copied().filter(|m| {
+                self.detector.is_speaking(*m) && self.participants.get(m).is_some_and(|p| !p.muted)
+            }));
+            sel.sort_by(|a, b| {
+                let la = self.participants.get(a).map_or(127.0, |p| p.level_ema);
+                let lb = self.participants.get(b).map_or(127.0, |p| p.level_ema);
+                la.total_cmp(&lb)
+            });
+            sel.truncate(max);
+        }
+    }
+
     /// Forwards one publisher packet to every subscriber in its room.
     fn forward(&mut self, from: u64, pkt: &RtpPacket, now: Instant) {
         self.stats.packets_in += 1;
-        let Some(p) = self.participants.get(&from) else {
+        let Some(p) = self.participants.get_mut(&from) else {
             return;
         };
-        if !p.publish || p.muted {
-            return;
-        }
         if p.opus_pt
             .is_some_and(|pt| pt.pt() != pkt.header.payload_type)
         {
             return;
         }
-        if let Some(level) = pkt.header.ext_vals.audio_level {
-            self.detector
-                .observe(from, level.unsigned_abs().min(127), now);
+        let level = pkt
+            .header
+            .ext_vals
+            .audio_level
+            .map(|l| l.unsigned_abs().min(127));
+        if let Some(l) = level {
+            p.level_ema = 0.8 * p.level_ema + 0.2 * l as f32;
         }
-        let room = p.room.clone();
-        let Some(members) = self.rooms.get(&room) else {
+        let allowed = p.publish && !p.muted && {
+            match self.selected.get(p.room.as_str()) {
+                // Large room: selected speakers, or a voice packet while a slot is free
+                // (so the start of a new speaker's first word is not clipped).
+                Some(sel) => {
+                    sel.contains(&from)
+                        || (sel.len() < self.config.max_active_speakers
+                            && level.is_some_and(|l| l <= SpeakerConfig::default().threshold))
+                }
+                None => true,
+            }
+        };
+        if let (Some(l), false) = (level, p.muted) {
+            self.detector.observe(from, l, now);
+        }
+        if !allowed {
+            p.forwarding = false;
+            self.flush_speaker_events();
+            return;
+        }
+        let resume = !std::mem::replace(&mut p.forwarding, true);
+        let Some(members) = self.rooms.get(p.room.as_str()) else {
             return;
         };
+        let mut targets = std::mem::take(&mut self.scratch);
+        targets.clear();
+        targets.extend(members.iter().copied().filter(|m| *m != from));
         // Each subscriber is driven right after its write so str0m sends at once.
-        for i in 0..members.len() {
-            let Some(sid) = self.rooms.get(&room).and_then(|m| m.get(i)).copied() else {
-                break;
-            };
-            if sid == from {
-                continue;
-            }
+        for &sid in &targets {
             let Some(s) = self.participants.get_mut(&sid) else {
                 continue;
             };
@@ -756,6 +834,10 @@ impl Worker {
             };
             if !dt.ready {
                 continue;
+            }
+            if resume {
+                // Packets were withheld: continue the subscriber's numbering without a gap.
+                dt.rewriter.resync();
             }
             let Some(rw) = dt.rewriter.rewrite(
                 *pkt.header.ssrc,
@@ -793,6 +875,7 @@ impl Worker {
                 Err(_) => self.fail(sid, "internal error forwarding audio"),
             }
         }
+        self.scratch = targets;
         self.flush_speaker_events();
     }
 

@@ -517,3 +517,99 @@ fn chat_and_signal_channels_are_relayed() {
         "not echoed to the sender"
     );
 }
+
+/// Packets per SSRC in `wire[from..]`, largest first, checking each stream has no gap.
+fn streams_since(wire: &[(u32, u16)], from: usize) -> Vec<usize> {
+    let mut by_ssrc: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    for (ssrc, seq) in &wire[from..] {
+        by_ssrc.entry(*ssrc).or_default().push(*seq);
+    }
+    let mut counts: Vec<usize> = by_ssrc.values().map(|v| v.len()).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    counts
+}
+
+fn assert_no_gaps(wire: &[(u32, u16)]) {
+    let mut last: std::collections::HashMap<u32, u16> = Default::default();
+    for (ssrc, seq) in wire {
+        if let Some(prev) = last.insert(*ssrc, *seq) {
+            assert_eq!(
+                *seq,
+                prev.wrapping_add(1),
+                "sequence gap on ssrc {ssrc}: {prev} -> {seq}"
+            );
+        }
+    }
+}
+
+#[test]
+fn big_rooms_forward_only_the_loudest_speakers_without_sequence_gaps() {
+    let mut sim = Sim::new();
+    for id in 1..=10 {
+        sim.join(id);
+        sim.run(100, &[]);
+    }
+    sim.run(1000, &[]);
+    assert!(sim.clients.iter().all(|c| c.connected));
+    let silent = |ids: &[u64]| -> Vec<(u64, i8)> {
+        (1..=10)
+            .filter(|i| !ids.contains(i))
+            .map(|i| (i, -127))
+            .collect()
+    };
+
+    // Two people talk, eight send silence: the listener is sent only the two.
+    let mark = sim.client(10).wire.len();
+    let mut talk = vec![(1, -20), (2, -25)];
+    talk.extend(silent(&[1, 2]));
+    sim.run(1500, &talk);
+    let counts = streams_since(&sim.client(10).wire, mark);
+    assert_eq!(
+        counts.len(),
+        2,
+        "only the two talkers are forwarded: {counts:?}"
+    );
+    assert!(counts.iter().all(|c| *c >= 60), "{counts:?}");
+
+    // Speaker 1 pauses past the hangover, then talks again: its stream resumes with
+    // no sequence gap.
+    let mut talk = vec![(2, -25)];
+    talk.extend(silent(&[2]));
+    sim.run(1500, &talk);
+    let mut talk = vec![(1, -20), (2, -25)];
+    talk.extend(silent(&[1, 2]));
+    sim.run(1000, &talk);
+
+    // Four talk at once: only the three loudest get through (the fourth at most for
+    // the few packets before the detector ranks it).
+    let mark = sim.client(10).wire.len();
+    let mut talk = vec![(1, -20), (2, -25), (3, -30), (4, -45)];
+    talk.extend(silent(&[1, 2, 3, 4]));
+    sim.run(1500, &talk);
+    let counts = streams_since(&sim.client(10).wire, mark);
+    assert!(counts.len() <= 4, "{counts:?}");
+    assert!(
+        counts[..3].iter().all(|c| *c >= 60),
+        "three speakers forwarded: {counts:?}"
+    );
+    assert!(
+        counts.get(3).is_none_or(|c| *c <= 6),
+        "the fourth is held back: {counts:?}"
+    );
+
+    assert_no_gaps(&sim.client(10).wire);
+}
+
+#[test]
+fn small_rooms_forward_everyone_even_when_silent() {
+    let mut sim = Sim::new();
+    for id in 1..=3 {
+        sim.join(id);
+    }
+    sim.run(1000, &[]);
+    let mark = sim.client(3).wire.len();
+    sim.run(1000, &[(1, -20), (2, -127)]);
+    let counts = streams_since(&sim.client(3).wire, mark);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.iter().all(|c| *c >= 45), "{counts:?}");
+}
