@@ -15,6 +15,8 @@ command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
 command -v cc >/dev/null || need_pkgs+=(build-essential)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+command -v cmake >/dev/null || need_pkgs+=(cmake)          # builds the bundled libopus
+command -v espeak-ng >/dev/null || need_pkgs+=(espeak-ng)  # speech fixtures for audio tests
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]}"
   SUDO=""
