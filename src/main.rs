@@ -89,9 +89,13 @@ struct DevArgs {
     selection: SelectionArgs,
 }
 
-/// Chat history settings, shared by `dev` and `signaling`.
+/// Chat history and other room settings, shared by `dev` and `signaling`.
 #[derive(Args)]
 struct ChatArgs {
+    /// Refuse clients' requests for server-side noise suppression (it costs SFU CPU per
+    /// publisher).
+    #[arg(long, env = "CHORUS_NO_ENHANCED_AUDIO")]
+    no_enhanced_audio: bool,
     /// Directory for persistent state (the chat history database).
     #[arg(long, default_value = "chorus-data", env = "CHORUS_DATA_DIR")]
     data_dir: PathBuf,
@@ -111,7 +115,7 @@ impl ChatArgs {
         (!self.chat_memory).then(|| self.data_dir.join("chat.sqlite3"))
     }
 
-    fn config(&self) -> chorus_signaling::chat::ChatConfig {
+    fn chat_config(&self) -> chorus_signaling::chat::ChatConfig {
         chorus_signaling::chat::ChatConfig {
             history: self.chat_history,
             retention: self.chat_retention,
@@ -394,7 +398,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ice_servers: vec![],
         turn: turn_rest,
         chat_db: a.chat.store_path(),
-        chat: a.chat.config(),
+        chat: a.chat.chat_config(),
+        allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })
     .await?;
     let node = Node::start(NodeConfig {
@@ -542,7 +547,8 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
         ice_servers,
         turn,
         chat_db: a.chat.store_path(),
-        chat: a.chat.config(),
+        chat: a.chat.chat_config(),
+        allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })
     .await?;
     if a.control_cert.is_none() {

@@ -35,6 +35,7 @@ async fn stack_with(nodes: usize, grace: Duration) -> Stack {
         turn: None,
         chat_db: None,
         chat: Default::default(),
+        allow_enhanced_audio: true,
     })
     .await
     .unwrap();

@@ -91,6 +91,8 @@ pub enum ClientMessage {
     Candidate { candidate: IceCandidate },
     /// Mute or unmute the client's own microphone.
     Mute { muted: bool },
+    /// Ask for (or stop) server-side noise suppression of the client's microphone.
+    Enhance { enabled: bool },
     /// Keep-alive; answered by `pong` with the same `ts`.
     Ping {
         #[serde(default)]

@@ -35,6 +35,9 @@ pub enum ToNode {
     ClientCandidate { participant: u64, candidate: String },
     /// Stop (or resume) forwarding this participant's audio.
     SetMuted { participant: u64, muted: bool },
+    /// Turn server-side noise suppression ("enhanced audio") on or off for this
+    /// participant's microphone.
+    SetEnhanced { participant: u64, enabled: bool },
     /// Remove a participant and free its media session.
     RemoveParticipant { participant: u64 },
     /// Write one text frame (a JSON chat message) on each listed participant's `chat`

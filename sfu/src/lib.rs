@@ -8,6 +8,7 @@
 //! (`docs/control-protocol.md`).
 
 pub mod demux;
+pub mod enhance;
 pub mod node;
 pub mod worker;
 

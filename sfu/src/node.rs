@@ -194,6 +194,7 @@ impl Routing {
             | ToNode::ClientAnswer { participant, .. }
             | ToNode::ClientCandidate { participant, .. }
             | ToNode::SetMuted { participant, .. }
+            | ToNode::SetEnhanced { participant, .. }
             | ToNode::RemoveParticipant { participant } => *participant,
             ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {
                 return None

@@ -24,6 +24,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tracing::{debug, info, warn};
 
 use crate::demux::{is_stun, stun_local_ufrag};
+use crate::enhance::Enhancer;
 
 /// A datagram to send.
 pub struct Transmit {
@@ -60,6 +61,8 @@ struct Participant {
     signal_window: (Instant, u32),
     /// Smoothed RFC 6464 level (lower is louder), for ranking speakers.
     level_ema: f32,
+    /// Server-side noise suppression of this publisher's audio, when asked for.
+    enhancer: Option<Box<Enhancer>>,
     /// Whether this publisher's last packet was forwarded; when forwarding resumes
     /// after a pause (muted, not selected) subscribers' numbering is resynced once.
     forwarding: bool,
@@ -319,6 +322,23 @@ impl Worker {
                     }
                 }
             }
+            ToNode::SetEnhanced {
+                participant,
+                enabled,
+            } => {
+                let Some(p) = self.participants.get_mut(&participant) else {
+                    return self.unknown(participant);
+                };
+                match (enabled, p.enhancer.is_some()) {
+                    (true, false) => match Enhancer::new() {
+                        Ok(e) => p.enhancer = Some(Box::new(e)),
+                        Err(e) => warn!(participant, "enhanced audio unavailable: {e}"),
+                    },
+                    (false, true) => p.enhancer = None,
+                    _ => {}
+                }
+                info!(participant, enabled, "enhanced audio");
+            }
             ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {}
         }
     }
@@ -378,6 +398,7 @@ impl Worker {
                 signal: None,
                 signal_window: (now, 0),
                 level_ema: 127.0,
+                enhancer: None,
                 forwarding: true,
                 rtc,
                 ufrag,
@@ -786,11 +807,22 @@ impl Worker {
         {
             return;
         }
-        let level = pkt
+        let mut level = pkt
             .header
             .ext_vals
             .audio_level
             .map(|l| l.unsigned_abs().min(127));
+        let mut payload = pkt.payload.clone();
+        let mut voice_activity = pkt.header.ext_vals.voice_activity;
+        if let Some(enh) = p.enhancer.as_mut() {
+            // Denoise once here; every subscriber gets the same processed payload and the
+            // level measured on it. A packet the pipeline cannot handle goes out as is.
+            if let Ok(out) = enh.process(pkt.header.sequence_number, &pkt.payload) {
+                payload = out.payload;
+                level = Some(out.level);
+                voice_activity = Some(out.speech);
+            }
+        }
         if let Some(l) = level {
             p.level_ema = 0.8 * p.level_ema + 0.2 * l as f32;
         }
@@ -849,11 +881,11 @@ impl Worker {
             };
             let mid = dt.mid;
             let ext = ExtensionValues {
-                audio_level: pkt.header.ext_vals.audio_level,
-                voice_activity: pkt.header.ext_vals.voice_activity,
+                audio_level: level.map(|l| -(l as i8)),
+                voice_activity,
                 ..Default::default()
             };
-            let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, pkt.payload.clone())
+            let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, payload.clone())
                 .marker(pkt.header.marker)
                 .ext_vals(ext);
             let wrote = catch_unwind(AssertUnwindSafe(|| {

@@ -41,6 +41,8 @@ pub struct HubConfig {
     /// TURN REST credentials minted per join.
     pub turn: Option<TurnRest>,
     pub chat: ChatConfig,
+    /// Whether clients may ask for server-side noise suppression (it costs SFU CPU).
+    pub allow_enhanced_audio: bool,
 }
 
 /// TURN REST API (shared secret) settings: signaling mints a username/password pair per
@@ -382,6 +384,25 @@ impl Hub {
             None,
             ServerMessage::ParticipantUpdated { participant: info },
         );
+        Ok(())
+    }
+
+    /// Server-side noise suppression for the participant's microphone.
+    pub fn set_enhanced(&self, participant: u64, conn: u64, enabled: bool) -> Result<(), HubError> {
+        let st = self.lock();
+        let p = owned(&st, participant, conn)?;
+        if enabled && !self.config.allow_enhanced_audio {
+            return Err((
+                ErrorCode::Forbidden,
+                "server-side noise suppression is disabled on this server".into(),
+            ));
+        }
+        if let Some(n) = st.nodes.get(&p.node) {
+            let _ = n.tx.send(ToNode::SetEnhanced {
+                participant,
+                enabled,
+            });
+        }
         Ok(())
     }
 
@@ -951,6 +972,7 @@ mod chat_tests {
                 ice_servers: vec![],
                 turn: None,
                 chat: ChatConfig::default(),
+                allow_enhanced_audio: true,
             },
             Arc::new(MemoryStore::new(1000)),
         );

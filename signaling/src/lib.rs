@@ -48,6 +48,8 @@ pub struct SignalingConfig {
     /// Where chat history is kept: a SQLite file, or memory when `None`.
     pub chat_db: Option<PathBuf>,
     pub chat: chat::ChatConfig,
+    /// Whether clients may ask for server-side noise suppression.
+    pub allow_enhanced_audio: bool,
 }
 
 /// A running signaling service.
@@ -79,6 +81,7 @@ impl Signaling {
                 ice_servers: config.ice_servers.clone(),
                 turn: config.turn.clone(),
                 chat: config.chat.clone(),
+                allow_enhanced_audio: config.allow_enhanced_audio,
             },
             store,
         );

@@ -271,6 +271,11 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                     &error,
                 )
             }
+            (ClientMessage::Enhance { enabled }, Some(p)) => {
+                if let Err((code, m)) = hub.set_enhanced(p, conn, enabled) {
+                    error(code, &m);
+                }
+            }
             (ClientMessage::Mute { muted }, Some(p)) => {
                 if let Err((code, m)) = hub.set_muted(p, conn, muted) {
                     error(code, &m);
