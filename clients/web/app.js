@@ -11,6 +11,8 @@ const roomName = $("room-name");
 const stateLine = $("connection-state");
 const list = $("participants");
 const muteButton = $("mute-button");
+const enhanceToggle = $("enhance-toggle");
+enhanceToggle.checked = localStorage.getItem("chorus.enhance") === "1";
 const leaveButton = $("leave-button");
 const errorBox = document.querySelector('[data-testid="error-message"]');
 const sinks = $("audio-sinks");
@@ -97,6 +99,10 @@ muteButton.addEventListener("click", () => {
   client.setMuted(!client.muted);
   renderControls();
 });
+enhanceToggle.addEventListener("change", () => {
+  localStorage.setItem("chorus.enhance", enhanceToggle.checked ? "1" : "0");
+  if (client) client.setEnhanced(enhanceToggle.checked);
+});
 leaveButton.addEventListener("click", () => {
   if (!client) return;
   client.leave();
@@ -148,6 +154,8 @@ async function join() {
       turnTransport: ["udp", "tcp"].includes(params.get("relay")) ? params.get("relay") : null,
     });
     window.chorus = client;
+    // Sent again by the SDK once joined; the server ignores it before that.
+    client.enhanced = enhanceToggle.checked;
     wire(client);
     const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
     showRoom(room);

@@ -186,6 +186,15 @@ export class ChorusClient extends EventTarget {
     }
   }
 
+  /**
+   * Ask the server to suppress noise on our microphone (server-side RNNoise), or stop.
+   * Remembered across reconnects; the server answers `forbidden` if it disallows it.
+   */
+  setEnhanced(enabled) {
+    this.enhanced = !!enabled;
+    this._send({ type: "enhance", enabled: this.enhanced });
+  }
+
   /** Leave for good: tells the server, closes the socket and the peer connection. */
   leave() {
     this._leaving = true;
@@ -408,6 +417,8 @@ export class ChorusClient extends EventTarget {
     switch (msg.type) {
       case "joined":
         this._onJoined(msg);
+        // A fresh seat starts without enhancement on the server: ask again.
+        if (this.enhanced && !msg.resumed) this._send({ type: "enhance", enabled: true });
         break;
       case "answer":
         this._enqueue(() => this._onAnswer(msg.sdp));

@@ -19,7 +19,7 @@ if [ ! -x "$CHROMIUM_BIN" ]; then
   echo "e2e: Chromium not found at $CHROMIUM_BIN (apt-get install chromium)" >&2
   exit 2
 fi
-for tool in node npm sox unshare ip; do
+for tool in node npm sox espeak-ng unshare ip; do
   command -v "$tool" >/dev/null || { echo "e2e: '$tool' is required" >&2; exit 2; }
 done
 
@@ -37,11 +37,17 @@ mkdir -p fixtures
 [ -s fixtures/tone-a-440.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-a-440.wav synth 5 sine 440 gain -6
 [ -s fixtures/tone-b-880.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-b-880.wav synth 5 sine 880 gain -6
 [ -s fixtures/tone-c-660.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-c-660.wav synth 5 sine 660 gain -6
+# Speech then silence, for the speaking indicator (Chromium loops the file).
+if [ ! -s fixtures/speech-then-silence.wav ]; then
+  espeak-ng -s 150 -w fixtures/speech-raw.wav "Hello everyone, can you hear me? This is a test of the speaking indicator, one two three."
+  sox fixtures/speech-raw.wav -r 48000 -c 1 -b 16 fixtures/speech-then-silence.wav norm -3 pad 0 4
+  rm -f fixtures/speech-raw.wav
+fi
 
 if [ "$#" -gt 0 ]; then
   TESTS=("$@")
 else
-  TESTS=(voice.test.mjs room.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs)
+  TESTS=(voice.test.mjs room.test.mjs audio.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs)
 fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.
