@@ -208,6 +208,7 @@ function wire(c) {
   });
   c.addEventListener("participant-joined", rerender);
   c.addEventListener("participant-updated", rerender);
+  c.addEventListener("dominant-speaker", rerender);
   c.addEventListener("participant-left", (e) => {
     if (c !== client) return;
     removeAudio(e.detail.sid);
@@ -336,6 +337,7 @@ function renderParticipants() {
     li.dataset.self = String(isSelf);
     li.dataset.speaking = String(!!p.speaking);
     li.dataset.muted = String(!!p.muted);
+    li.dataset.dominant = String(client.dominantSid === p.sid);
     li.title = `${p.name || p.identity} (${p.identity})`;
     const label = p.name || p.identity;
     li.querySelector(".avatar").textContent = label.slice(0, 1).toUpperCase();

@@ -416,6 +416,7 @@ export class ChorusClient extends EventTarget {
   _onMessage(msg) {
     switch (msg.type) {
       case "joined":
+        this.dominantSid = msg.dominant_speaker ?? null;
         this._onJoined(msg);
         // A fresh seat starts without enhancement on the server: ask again.
         if (this.enhanced && !msg.resumed) this._send({ type: "enhance", enabled: true });
@@ -437,6 +438,10 @@ export class ChorusClient extends EventTarget {
         break;
       case "participant_left":
         this._onParticipantLeft(msg);
+        break;
+      case "dominant_speaker":
+        this.dominantSid = msg.sid ?? null;
+        this._emit("dominant-speaker", { sid: this.dominantSid });
         break;
       case "pong":
         if (typeof msg.ts === "number" && msg.ts > 0) this.rttMs = Date.now() - msg.ts;

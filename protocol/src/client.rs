@@ -119,6 +119,9 @@ pub enum ServerMessage {
         resumed: bool,
         /// Seconds a dropped socket keeps the seat.
         reconnect_grace_secs: u64,
+        /// The room's current dominant speaker, if any.
+        #[serde(default)]
+        dominant_speaker: Option<String>,
     },
     /// SDP answer to the client's offer.
     Answer {
@@ -142,6 +145,10 @@ pub enum ServerMessage {
     },
     ParticipantUpdated {
         participant: ParticipantInfo,
+    },
+    /// The room's dominant (main) speaker changed; `sid` is null when nobody dominates.
+    DominantSpeaker {
+        sid: Option<String>,
     },
     Error {
         code: ErrorCode,

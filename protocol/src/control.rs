@@ -69,6 +69,11 @@ pub enum FromNode {
     Offer { participant: u64, sdp: String },
     /// A participant's audio track started or stopped being published.
     Track { participant: u64, publishing: bool },
+    /// The room's dominant speaker changed (`None`: nobody dominates any more).
+    Dominant {
+        room: String,
+        participant: Option<u64>,
+    },
     /// Speaker detection result for a participant.
     Speaking { participant: u64, speaking: bool },
     /// The node's media session ended for this participant (ICE failed, peer misbehaved,

@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use chorus_media_core::rewrite::RtpRewriter;
-use chorus_media_core::speaker::{SpeakerConfig, SpeakerDetector, SpeakerEvent};
+use chorus_media_core::speaker::{DominantEvent, SpeakerConfig, SpeakerDetector, SpeakerEvent};
 use chorus_protocol::chat::{ChatErrorCode, ChatServerFrame, Sender, SignalFrame};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -98,7 +98,8 @@ pub struct Worker {
     rooms: HashMap<String, Vec<u64>>,
     by_ufrag: HashMap<String, u64>,
     by_addr: HashMap<SocketAddr, u64>,
-    detector: SpeakerDetector<u64>,
+    /// One speaker detector per room: dominance is a per-room notion.
+    detectors: HashMap<String, SpeakerDetector<u64>>,
     transmits: Vec<Transmit>,
     events: Vec<FromNode>,
     /// Reused buffer of packets a publisher produced in one poll.
@@ -154,7 +155,7 @@ impl Worker {
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
-            detector: SpeakerDetector::new(SpeakerConfig::default()),
+            detectors: HashMap::new(),
             transmits: Vec::new(),
             events: Vec::new(),
             packets: Vec::new(),
@@ -258,8 +259,10 @@ impl Worker {
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20))
         {
             self.last_tick = Some(now);
-            self.detector.tick(now);
-            self.flush_speaker_events();
+            for (room, d) in self.detectors.iter_mut() {
+                d.tick(now);
+                drain_detector(d, room, &mut self.events);
+            }
             self.update_selection();
             let gone: Vec<u64> = self
                 .participants
@@ -317,8 +320,10 @@ impl Worker {
                     // Unmuting needs nothing here: the first forwarded packet after the
                     // pause resyncs subscribers' numbering (see `forward`).
                     if muted {
-                        self.detector.remove(participant);
-                        self.flush_speaker_events();
+                        if let Some(d) = self.detectors.get_mut(p.room.as_str()) {
+                            d.remove(participant);
+                            drain_detector(d, &p.room, &mut self.events);
+                        }
                     }
                 }
             }
@@ -387,6 +392,9 @@ impl Worker {
         info!(participant = id, %room, %identity, "participant added");
         self.by_ufrag.insert(ufrag.clone(), id);
         self.rooms.entry(room.clone()).or_default().push(id);
+        self.detectors
+            .entry(room.clone())
+            .or_insert_with(|| SpeakerDetector::new(SpeakerConfig::default()));
         self.participants.insert(
             id,
             Participant {
@@ -424,13 +432,16 @@ impl Worker {
         info!(participant = id, "participant removed");
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, v| *v != id);
-        self.detector.remove(id);
-        self.flush_speaker_events();
+        if let Some(d) = self.detectors.get_mut(p.room.as_str()) {
+            d.remove(id);
+            drain_detector(d, &p.room, &mut self.events);
+        }
         let mut peers = Vec::new();
         if let Some(members) = self.rooms.get_mut(&p.room) {
             members.retain(|m| *m != id);
             if members.is_empty() {
                 self.rooms.remove(&p.room);
+                self.detectors.remove(&p.room);
             } else {
                 peers = members.clone();
             }
@@ -785,7 +796,10 @@ impl Worker {
             let sel = self.selected.entry(room.clone()).or_default();
             sel.clear();
             sel.extend(members.iter().copied().filter(|m| {
-                self.detector.is_speaking(*m) && self.participants.get(m).is_some_and(|p| !p.muted)
+                self.detectors
+                    .get(room.as_str())
+                    .is_some_and(|d| d.is_speaking(*m))
+                    && self.participants.get(m).is_some_and(|p| !p.muted)
             }));
             sel.sort_by(|a, b| {
                 let la = self.participants.get(a).map_or(127.0, |p| p.level_ema);
@@ -839,11 +853,13 @@ impl Worker {
             }
         };
         if let (Some(l), false) = (level, p.muted) {
-            self.detector.observe(from, l, now);
+            if let Some(d) = self.detectors.get_mut(p.room.as_str()) {
+                d.observe(from, l, now);
+                drain_detector(d, &p.room, &mut self.events);
+            }
         }
         if !allowed {
             p.forwarding = false;
-            self.flush_speaker_events();
             return;
         }
         let resume = !std::mem::replace(&mut p.forwarding, true);
@@ -908,7 +924,6 @@ impl Worker {
             }
         }
         self.scratch = targets;
-        self.flush_speaker_events();
     }
 
     /// A frame from a participant's `chat` channel: chat rules live in signaling, so the
@@ -1000,18 +1015,30 @@ impl Worker {
             _ => debug!(participant = id, "chat frame dropped: channel not open"),
         }
     }
+}
 
-    fn flush_speaker_events(&mut self) {
-        while let Some(ev) = self.detector.poll_event() {
-            let (participant, speaking) = match ev {
-                SpeakerEvent::Started(p) => (p, true),
-                SpeakerEvent::Stopped(p) => (p, false),
-            };
-            self.events.push(FromNode::Speaking {
-                participant,
-                speaking,
-            });
-        }
+/// Turns a room detector's pending events into control messages.
+fn drain_detector(d: &mut SpeakerDetector<u64>, room: &str, events: &mut Vec<FromNode>) {
+    while let Some(ev) = d.poll_event() {
+        let (participant, speaking) = match ev {
+            SpeakerEvent::Started(p) => (p, true),
+            SpeakerEvent::Stopped(p) => (p, false),
+        };
+        events.push(FromNode::Speaking {
+            participant,
+            speaking,
+        });
+    }
+    while let Some(ev) = d.poll_dominant() {
+        let participant = match ev {
+            DominantEvent::Changed(p) => Some(p),
+            DominantEvent::Cleared => None,
+        };
+        debug!(room, ?participant, "dominant speaker");
+        events.push(FromNode::Dominant {
+            room: room.to_string(),
+            participant,
+        });
     }
 }
 

@@ -117,6 +117,7 @@ struct Sim {
     speaking: Vec<(u64, bool)>,
     chat_ready: Vec<u64>,
     chat_in: Vec<(u64, String)>,
+    dominant: Vec<Option<u64>>,
     start: Instant,
 }
 
@@ -133,6 +134,7 @@ impl Sim {
             speaking: Vec::new(),
             chat_ready: Vec::new(),
             chat_in: Vec::new(),
+            dominant: Vec::new(),
         }
     }
 
@@ -260,6 +262,7 @@ impl Sim {
                         speaking,
                     } => self.speaking.push((participant, speaking)),
                     FromNode::ChatReady { participant } => self.chat_ready.push(participant),
+                    FromNode::Dominant { participant, .. } => self.dominant.push(participant),
                     FromNode::ChatIn { participant, data } => {
                         self.chat_in.push((participant, data))
                     }
@@ -772,4 +775,17 @@ fn enhanced_audio_is_denoised_once_per_publisher_and_decodes_cleanly() {
         snr_out > snr_in + 6.0,
         "enhanced {snr_out:.1} dB vs plain {snr_in:.1} dB"
     );
+}
+
+#[test]
+fn the_dominant_speaker_is_reported_per_room() {
+    let mut sim = Sim::new();
+    sim.join(1);
+    sim.join(2);
+    sim.run(1000, &[]);
+    sim.run(1000, &[(1, -30), (2, -127)]);
+    assert_eq!(sim.dominant.last(), Some(&Some(1)), "{:?}", sim.dominant);
+    // Participant 2 talks much louder while 1 carries on: 2 takes over.
+    sim.run(1500, &[(1, -30), (2, -10)]);
+    assert_eq!(sim.dominant.last(), Some(&Some(2)), "{:?}", sim.dominant);
 }

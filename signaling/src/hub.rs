@@ -128,6 +128,8 @@ impl Participant {
 struct Room {
     node: String,
     participants: BTreeSet<u64>,
+    /// Last dominant speaker the node reported, for late joiners.
+    dominant: Option<u64>,
 }
 
 struct Node {
@@ -321,6 +323,7 @@ impl Hub {
         let room = st.rooms.entry(claims.room.clone()).or_insert_with(|| Room {
             node: node.clone(),
             participants: BTreeSet::new(),
+            dominant: None,
         });
         room.node = node.clone();
         room.participants.insert(id);
@@ -566,6 +569,18 @@ impl Hub {
                         }
                     };
                     p.send(ServerMessage::Error { code, message });
+                }
+            }
+            FromNode::Dominant { room, participant } => {
+                let member = participant
+                    .is_none_or(|p| st.participants.get(&p).is_some_and(|x| x.room == room));
+                let Some(r) = st.rooms.get_mut(&room).filter(|r| r.node == node_id) else {
+                    return;
+                };
+                if member {
+                    r.dominant = participant;
+                    let sid = participant.map(|p| p.to_string());
+                    broadcast_locked(&st, &room, None, ServerMessage::DominantSpeaker { sid });
                 }
             }
             FromNode::ChatReady { participant } => {
@@ -916,6 +931,12 @@ fn joined_message(st: &State, config: &HubConfig, id: u64, resumed: bool) -> Ser
         grants: me.grants,
         resumed,
         reconnect_grace_secs: config.reconnect_grace.as_secs(),
+        dominant_speaker: st
+            .rooms
+            .get(&me.room)
+            .and_then(|r| r.dominant)
+            .filter(|d| st.participants.contains_key(d))
+            .map(|d| d.to_string()),
     }
 }
 

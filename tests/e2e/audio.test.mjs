@@ -12,7 +12,8 @@ let server, talkerBrowser, listenerBrowser, talker, listener, talkerSelf;
 before(async () => {
   server = await startServer("audio");
   talkerBrowser = await launchBrowser(fixture("speech-then-silence.wav"));
-  listenerBrowser = await launchBrowser(fixture("tone-b-880.wav"));
+  // A silent microphone, so the talker is the only one who can be the main speaker.
+  listenerBrowser = await launchBrowser(fixture("silence.wav"));
   talker = await newPage(talkerBrowser, "talker");
   listener = await newPage(listenerBrowser, "listener");
 });
@@ -50,4 +51,12 @@ test("the speaking indicator follows speech and silence with server noise suppre
     const s = seen.join(",");
     return { ok: s.includes("true,false,true"), info: seen };
   }, { timeout: 30_000, interval: 50 });
+  // The only talker is the room's dominant speaker.
+  await waitFor("the talker is marked as the dominant speaker", async () => {
+    const d = await listener.evaluate(
+      (id) => document.querySelector(`[data-testid="participant"][data-identity="${id}"]`)?.dataset.dominant,
+      talkerSelf.identity,
+    );
+    return { ok: d === "true", info: d };
+  });
 });
