@@ -475,3 +475,141 @@ async fn without_a_media_node_join_fails_clearly() {
     expect_error(&mut c, ErrorCode::NoMediaNode).await;
     expect_closed(&mut c).await;
 }
+
+/// A minimal HTTP/1.1 client for the admin API: (status, body).
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req += &format!("Authorization: Bearer {t}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn admin_token(room: &str) -> String {
+    let grants = Grants {
+        admin: true,
+        ..Grants::default_participant()
+    };
+    mint(
+        &participant_claims(
+            "devkey",
+            room,
+            "ops",
+            None,
+            Duration::from_secs(600),
+            grants,
+        ),
+        "devsecret",
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn admins_can_turn_enhanced_audio_off_per_room() {
+    let s = stack().await;
+    let addr = s.sig.http_addr;
+    let (mut a, _) = SignalingClient::join(&s.ws, &token("quiet", "ana"))
+        .await
+        .unwrap();
+
+    // Allowed by default.
+    a.send(&ClientMessage::Enhance { enabled: true })
+        .await
+        .unwrap();
+    ping_pong(&mut a, 1.0).await;
+
+    // Without a token, with a participant token, or an admin token for another room: no.
+    assert_eq!(http(addr, "GET", "/admin/rooms", None, None).await.0, 401);
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            "/admin/rooms",
+            Some(&token("quiet", "x")),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    let other = admin_token("elsewhere");
+    let (st, _) = http(
+        addr,
+        "PATCH",
+        "/admin/rooms/quiet",
+        Some(&other),
+        Some(r#"{"enhanced_audio":false}"#),
+    )
+    .await;
+    assert_eq!(st, 403);
+
+    // A room admin turns it off; asking again is forbidden.
+    let admin = admin_token("quiet");
+    let (st, body) = http(
+        addr,
+        "PATCH",
+        "/admin/rooms/quiet",
+        Some(&admin),
+        Some(r#"{"enhanced_audio":false}"#),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains(r#""enhanced_audio":false"#), "{body}");
+    a.send(&ClientMessage::Enhance { enabled: true })
+        .await
+        .unwrap();
+    expect_error(&mut a, ErrorCode::Forbidden).await;
+
+    // The room shows up with its participant and setting; a "*" admin sees every room.
+    let (st, body) = http(addr, "GET", "/admin/rooms/quiet", Some(&admin), None).await;
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["participants"][0]["identity"], "ana");
+    assert_eq!(v["settings"]["enhanced_audio"], false);
+    let (st, body) = http(addr, "GET", "/admin/rooms", Some(&admin_token("*")), None).await;
+    assert_eq!(st, 200);
+    assert!(body.contains(r#""room":"quiet""#), "{body}");
+    let (st, _) = http(
+        addr,
+        "PATCH",
+        "/admin/rooms/quiet",
+        Some(&admin),
+        Some("not json"),
+    )
+    .await;
+    assert_eq!(st, 400);
+
+    // A wildcard admin token cannot be used to join.
+    let mut c = SignalingClient::connect(&s.ws).await.unwrap();
+    c.send(&join_msg(admin_token("*"))).await.unwrap();
+    expect_error(&mut c, ErrorCode::Forbidden).await;
+}

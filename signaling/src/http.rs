@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,7 +13,7 @@ use chorus_protocol::client::Grants;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::hub::Hub;
+use crate::hub::{Hub, RoomSettings};
 use crate::token::{mint, participant_claims, TokenVerifier};
 use crate::ws::{session, HARD_FRAME_LIMIT};
 
@@ -55,7 +55,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/ws", get(ws_upgrade));
+        .route("/ws", get(ws_upgrade))
+        .route("/admin/rooms", get(admin_rooms))
+        .route(
+            "/admin/rooms/{room}",
+            get(admin_room).patch(admin_patch_room),
+        );
     if state.dev_key.is_some() {
         r = r.route("/dev/token", post(dev_token));
     }
@@ -170,4 +175,105 @@ async fn dev_token(
         )
             .into_response(),
     }
+}
+
+fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"code": code, "message": message}))).into_response()
+}
+
+/// Checks `Authorization: Bearer <token>`: the token must carry the `admin` grant and be
+/// for `room`, or for `*` (every room). Returns the token's room scope.
+/// An admin API refusal, turned into a response only when it is returned (keeps the
+/// `Result` small).
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        api_error(self.0, self.1, &self.2)
+    }
+}
+
+fn admin_scope(st: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<String, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "send an admin access token as Authorization: Bearer <token>".into(),
+            )
+        })?;
+    let claims = st
+        .verifier
+        .verify(token.trim())
+        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.code.as_str(), e.message))?;
+    if !claims.grants.admin {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token has no admin grant".into(),
+        ));
+    }
+    if claims.room != "*" && room.is_some_and(|r| r != claims.room) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this admin token is for room {:?} only", claims.room),
+        ));
+    }
+    Ok(claims.room)
+}
+
+async fn admin_rooms(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    match admin_scope(&st, &headers, None) {
+        Ok(scope) => {
+            let only = (scope != "*").then_some(scope.as_str());
+            Json(json!({"rooms": st.hub.rooms_overview(only)})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admin_room(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Response {
+    if let Err(e) = admin_scope(&st, &headers, Some(&room)) {
+        return e.into_response();
+    }
+    match st.hub.rooms_overview(Some(&room)).into_iter().next() {
+        Some(o) => Json(o).into_response(),
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such room (no seats and no settings)",
+        ),
+    }
+}
+
+async fn admin_patch_room(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: Result<Json<RoomSettings>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(e) = admin_scope(&st, &headers, Some(&room)) {
+        return e.into_response();
+    }
+    if !valid_room_name(&room) {
+        return bad_request("room must be 1 to 64 characters of letters, digits, '-', '_' or '.'");
+    }
+    let Json(settings) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(&format!(
+                "expected JSON {{\"enhanced_audio\": true|false|null}}: {e}"
+            ))
+        }
+    };
+    Json(json!({"room": room, "settings": st.hub.update_room_settings(&room, settings)}))
+        .into_response()
 }

@@ -93,6 +93,8 @@ struct Participant {
     publishing: bool,
     node: String,
     session: Option<Session>,
+    /// Server-side noise suppression is on for this participant.
+    enhanced: bool,
     /// The participant's chat channel is open and has had its history.
     chat_ready: bool,
     chat_bucket: ChatBucket,
@@ -125,6 +127,25 @@ impl Participant {
     }
 }
 
+/// Per-room settings an admin can change (`PATCH /admin/rooms/{room}`). They outlive
+/// the room's seats for as long as signaling runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoomSettings {
+    /// Whether participants may ask for server-side noise suppression; `None` follows the
+    /// server default. The server-wide `--no-enhanced-audio` always wins.
+    #[serde(default)]
+    pub enhanced_audio: Option<bool>,
+}
+
+/// A room as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomOverview {
+    pub room: String,
+    pub node: Option<String>,
+    pub participants: Vec<ParticipantInfo>,
+    pub settings: RoomSettings,
+}
+
 struct Room {
     node: String,
     participants: BTreeSet<u64>,
@@ -144,6 +165,7 @@ struct State {
     rooms: HashMap<String, Room>,
     participants: HashMap<u64, Participant>,
     nodes: HashMap<String, Node>,
+    settings: HashMap<String, RoomSettings>,
 }
 
 pub struct Hub {
@@ -303,6 +325,7 @@ impl Hub {
             publishing: false,
             node: node.clone(),
             session: Some(Session { conn, tx }),
+            enhanced: false,
             chat_ready: false,
             chat_bucket: ChatBucket::new(),
             disconnect_epoch: 0,
@@ -392,21 +415,90 @@ impl Hub {
 
     /// Server-side noise suppression for the participant's microphone.
     pub fn set_enhanced(&self, participant: u64, conn: u64, enabled: bool) -> Result<(), HubError> {
-        let st = self.lock();
-        let p = owned(&st, participant, conn)?;
+        let mut st = self.lock();
+        owned(&st, participant, conn)?;
+        let Some(p) = st.participants.get(&participant) else {
+            return Ok(());
+        };
         if enabled && !self.config.allow_enhanced_audio {
             return Err((
                 ErrorCode::Forbidden,
                 "server-side noise suppression is disabled on this server".into(),
             ));
         }
-        if let Some(n) = st.nodes.get(&p.node) {
+        let room_allows = st.settings.get(&p.room).and_then(|s| s.enhanced_audio) != Some(false);
+        if enabled && !room_allows {
+            return Err((
+                ErrorCode::Forbidden,
+                "server-side noise suppression is turned off in this room".into(),
+            ));
+        }
+        let node = p.node.clone();
+        if let Some(n) = st.nodes.get(&node) {
             let _ = n.tx.send(ToNode::SetEnhanced {
                 participant,
                 enabled,
             });
         }
+        if let Some(p) = st.participants.get_mut(&participant) {
+            p.enhanced = enabled;
+        }
         Ok(())
+    }
+
+    /// Every room with seats (or `only` that one), for the admin API.
+    pub fn rooms_overview(&self, only: Option<&str>) -> Vec<RoomOverview> {
+        let st = self.lock();
+        let mut names: Vec<&String> = st.rooms.keys().chain(st.settings.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter(|r| only.is_none_or(|o| o == r.as_str()))
+            .map(|r| RoomOverview {
+                room: r.clone(),
+                node: st.rooms.get(r).map(|x| x.node.clone()),
+                participants: st
+                    .rooms
+                    .get(r)
+                    .map(|x| {
+                        x.participants
+                            .iter()
+                            .filter_map(|id| st.participants.get(id).map(Participant::info))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                settings: st.settings.get(r).copied().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Changes a room's settings; turning enhanced audio off stops it for everyone in
+    /// the room at once.
+    pub fn update_room_settings(&self, room: &str, settings: RoomSettings) -> RoomSettings {
+        let mut st = self.lock();
+        st.settings.insert(room.to_string(), settings);
+        if settings.enhanced_audio == Some(false) {
+            let ids: Vec<u64> = st
+                .participants
+                .values()
+                .filter(|p| p.room == room && p.enhanced)
+                .map(|p| p.id)
+                .collect();
+            for id in ids {
+                if let Some(p) = st.participants.get_mut(&id) {
+                    p.enhanced = false;
+                    let node = p.node.clone();
+                    if let Some(n) = st.nodes.get(&node) {
+                        let _ = n.tx.send(ToNode::SetEnhanced {
+                            participant: id,
+                            enabled: false,
+                        });
+                    }
+                }
+            }
+        }
+        settings
     }
 
     /// The client left on purpose.

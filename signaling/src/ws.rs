@@ -209,6 +209,14 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                         break;
                     }
                 }
+                if claims.room == "*" {
+                    error(
+                        ErrorCode::Forbidden,
+                        "a token for every room (\"*\") is for the admin API, not for joining",
+                    );
+                    let _ = tx.try_send(Outbound::Close(4003, "forbidden".into()));
+                    break;
+                }
                 if !claims.grants.join {
                     error(ErrorCode::Forbidden, "this token does not grant joining");
                     let _ = tx.try_send(Outbound::Close(4003, "forbidden".into()));
