@@ -88,6 +88,11 @@ struct Participant {
 /// The media worker core.
 pub struct Worker {
     config: WorkerConfig,
+    /// The latest time an input carried: work that has no input of its own (removing a
+    /// participant after a fault, `reset`) uses it, so the core never reads the clock.
+    now: Option<Instant>,
+    /// Levels at or below this count as voice (the speaker detector's threshold).
+    voice_threshold: u8,
     /// Rooms above the selection size → the speakers currently forwarded there.
     selected: HashMap<String, Vec<u64>>,
     /// Reused list of forwarding targets (no allocation per packet).
@@ -147,6 +152,8 @@ impl Worker {
     ) -> Self {
         Worker {
             config,
+            now: None,
+            voice_threshold: SpeakerConfig::default().threshold,
             selected: HashMap::new(),
             scratch: Vec::new(),
             local_addr,
@@ -197,6 +204,7 @@ impl Worker {
     // ---- inputs ----
 
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
+        self.now = Some(self.now.map_or(now, |t| t.max(now)));
         let id = if is_stun(buf) {
             match stun_local_ufrag(buf)
                 .and_then(|u| self.by_ufrag.get(u))
@@ -242,6 +250,7 @@ impl Worker {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(self.now.map_or(now, |t| t.max(now)));
         let due: Vec<u64> = self
             .participants
             .values()
@@ -280,6 +289,7 @@ impl Worker {
     }
 
     pub fn handle_command(&mut self, now: Instant, cmd: ToNode) {
+        self.now = Some(self.now.map_or(now, |t| t.max(now)));
         match cmd {
             ToNode::AddParticipant {
                 participant,
@@ -446,8 +456,11 @@ impl Worker {
                 peers = members.clone();
             }
         }
-        // Subscribers of the leaver drop its track in their next offer.
-        let now = Instant::now();
+        // Subscribers of the leaver drop its track in their next offer. (A participant
+        // exists only after a command, which set `now`.)
+        let Some(now) = self.now else {
+            return;
+        };
         for s in peers {
             if let Some(sp) = self.participants.get_mut(&s) {
                 if let Some(dt) = sp.downtracks.remove(&id) {
@@ -793,7 +806,13 @@ impl Worker {
             if members.len() <= above {
                 continue;
             }
-            let sel = self.selected.entry(room.clone()).or_default();
+            // Only a room crossing the size threshold allocates its key.
+            if !self.selected.contains_key(room) {
+                self.selected.insert(room.clone(), Vec::new());
+            }
+            let Some(sel) = self.selected.get_mut(room) else {
+                continue;
+            };
             sel.clear();
             sel.extend(members.iter().copied().filter(|m| {
                 self.detectors
@@ -847,7 +866,7 @@ impl Worker {
                 Some(sel) => {
                     sel.contains(&from)
                         || (sel.len() < self.config.max_active_speakers
-                            && level.is_some_and(|l| l <= SpeakerConfig::default().threshold))
+                            && level.is_some_and(|l| l <= self.voice_threshold))
                 }
                 None => true,
             }
