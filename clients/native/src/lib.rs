@@ -1,129 +1,17 @@
-//! Chorus native client library: the pieces the desktop client, the headless CLI, bots,
-//! the load generator and tests share to talk to a Chorus server.
+//! Chorus native client library: everything the desktop app, the headless CLI, bots,
+//! the load generator and tests share to take part in a voice channel.
 //!
-//! Today it holds the signaling client (the WebSocket protocol of `docs/protocol.md`);
-//! the media pipeline (str0m, Opus, jitter buffer) joins it with the native-client work.
+//! - [`signaling`]: the WebSocket protocol of `docs/protocol.md`.
+//! - [`audio`]: the clock-free audio pipeline (noise suppression, voice activation or
+//!   push-to-talk, Opus with in-band FEC; per-participant jitter buffer, decode, mix).
+//! - [`session`]: one participant's session (signaling + a client-side `str0m` peer on
+//!   one UDP socket + the pipeline on a 20 ms clock), steered by commands, reporting
+//!   events and, at the end, a measured [`session::Report`].
+//! - [`wav`]: WAV files and tones standing in for microphone and speakers.
 
-use std::time::Duration;
+pub mod audio;
+pub mod session;
+pub mod signaling;
+pub mod wav;
 
-use anyhow::{bail, Context};
-use chorus_protocol::client::{ClientMessage, ServerMessage};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-/// What `recv` can yield besides a protocol message.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Incoming {
-    Message(ServerMessage),
-    /// The server closed the socket with this code and reason.
-    Closed(Option<(u16, String)>),
-}
-
-/// A WebSocket connection to signaling speaking protocol v1.
-pub struct SignalingClient {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl SignalingClient {
-    /// Connects to `ws://host:port/ws` (or `wss://`).
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
-        Ok(SignalingClient { ws })
-    }
-
-    /// Connects and joins with `token`; returns the client and the `joined` message, or
-    /// the server's error as an `Err`.
-    pub async fn join(url: &str, token: &str) -> anyhow::Result<(Self, ServerMessage)> {
-        let mut c = Self::connect(url).await?;
-        c.send(&ClientMessage::Join {
-            token: token.to_string(),
-            room: None,
-            resume: false,
-            protocol: Some(chorus_protocol::PROTOCOL_VERSION),
-        })
-        .await?;
-        match c.recv_timeout(Duration::from_secs(10)).await? {
-            Incoming::Message(m @ ServerMessage::Joined { .. }) => Ok((c, m)),
-            Incoming::Message(ServerMessage::Error { code, message }) => {
-                bail!("join refused: {} ({message})", code.as_str())
-            }
-            other => bail!("unexpected reply to join: {other:?}"),
-        }
-    }
-
-    pub async fn send(&mut self, msg: &ClientMessage) -> anyhow::Result<()> {
-        let text = serde_json::to_string(msg)?;
-        self.send_text(text).await
-    }
-
-    /// Sends an arbitrary text frame (tests use this for malformed input).
-    pub async fn send_text(&mut self, text: String) -> anyhow::Result<()> {
-        self.ws.send(Message::Text(text.into())).await?;
-        Ok(())
-    }
-
-    /// Sends an arbitrary binary frame.
-    pub async fn send_binary(&mut self, data: Vec<u8>) -> anyhow::Result<()> {
-        self.ws.send(Message::Binary(data.into())).await?;
-        Ok(())
-    }
-
-    /// The next protocol message or the close; WebSocket pings are handled underneath.
-    pub async fn recv(&mut self) -> anyhow::Result<Incoming> {
-        loop {
-            match self.ws.next().await {
-                None => return Ok(Incoming::Closed(None)),
-                Some(Err(e)) => bail!("websocket error: {e}"),
-                Some(Ok(Message::Text(t))) => {
-                    let m: ServerMessage = serde_json::from_str(t.as_str()).with_context(|| {
-                        format!("server sent a message this client does not understand: {t}")
-                    })?;
-                    return Ok(Incoming::Message(m));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Ok(Incoming::Closed(frame.map(
-                        |CloseFrame { code, reason }| (code.into(), reason.to_string()),
-                    )))
-                }
-                Some(Ok(_)) => continue,
-            }
-        }
-    }
-
-    pub async fn recv_timeout(&mut self, t: Duration) -> anyhow::Result<Incoming> {
-        tokio::time::timeout(t, self.recv())
-            .await
-            .context("timed out waiting for the server")?
-    }
-
-    /// Waits for the first message matching `pred`, skipping others.
-    pub async fn wait_for(
-        &mut self,
-        t: Duration,
-        mut pred: impl FnMut(&ServerMessage) -> bool,
-    ) -> anyhow::Result<ServerMessage> {
-        let deadline = tokio::time::Instant::now() + t;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.recv_timeout(left).await? {
-                Incoming::Message(m) if pred(&m) => return Ok(m),
-                Incoming::Message(_) => continue,
-                Incoming::Closed(c) => bail!("socket closed while waiting: {c:?}"),
-            }
-        }
-    }
-
-    /// Drops the TCP connection without a close handshake (a network failure).
-    pub fn abort(self) {
-        drop(self.ws);
-    }
-
-    pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
-    }
-}
+pub use signaling::{Incoming, SignalingClient};
