@@ -153,6 +153,7 @@ pub enum Event {
     /// The microphone state after each captured frame is not sent as an event (50 a
     /// second); these arrive when it changes.
     Transmitting(bool),
+    /// The chat and signal data channels are open: chat and typing can be sent.
     ChatReady,
     Chat(ChatServerFrame),
     Typing {
@@ -553,14 +554,15 @@ pub async fn run(
                     }
                     RtcEvent::ChannelOpen(id, label) => {
                         match label.as_str() {
-                            "chat" => {
-                                media.chat = Some(id);
-                                let _ = events.send(Event::ChatReady);
-                            }
+                            "chat" => media.chat = Some(id),
                             "signal" => media.signal = Some(id),
                             _ => {}
                         }
                         media.channels.insert(id, label);
+                        // Ready once both are open, so typing works from the start too.
+                        if media.chat.is_some() && media.signal.is_some() {
+                            let _ = events.send(Event::ChatReady);
+                        }
                     }
                     RtcEvent::ChannelData(d) => {
                         let label = media.channels.get(&d.id).map(String::as_str);
