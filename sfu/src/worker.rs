@@ -5,7 +5,8 @@
 //! bytes between it and the socket. The worker owns its participants outright (`&mut
 //! self`, no locks): commands from the control plane arrive as messages.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -111,6 +112,13 @@ pub struct Worker {
     packets: Vec<RtpPacket>,
     last_tick: Option<Instant>,
     stats: WorkerStats,
+    /// Participants' str0m deadlines, earliest first. Entries go stale when a
+    /// participant's deadline moves or it leaves; they are skipped when popped. This
+    /// keeps finding the next deadline O(1) and due participants O(log N) each, instead
+    /// of a scan over every participant per datagram.
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Reused list of participants due in one `handle_timeout`.
+    due: Vec<u64>,
 }
 
 /// Tunables of a worker.
@@ -168,6 +176,8 @@ impl Worker {
             packets: Vec::new(),
             last_tick: None,
             stats: WorkerStats::default(),
+            timers: BinaryHeap::new(),
+            due: Vec::new(),
         }
     }
 
@@ -194,11 +204,11 @@ impl Worker {
     /// The earliest instant at which [`Worker::handle_timeout`] must be called.
     pub fn next_deadline(&self, now: Instant) -> Instant {
         let tick = now + Duration::from_millis(50);
-        self.participants
-            .values()
-            .map(|p| p.next_timeout)
-            .min()
-            .map_or(tick, |t| t.min(tick))
+        // A stale top entry only makes this earlier: the worker then wakes once for
+        // nothing and `handle_timeout` discards it.
+        self.timers
+            .peek()
+            .map_or(tick, |Reverse((t, _))| (*t).min(tick))
     }
 
     // ---- inputs ----
@@ -251,18 +261,29 @@ impl Worker {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = Some(self.now.map_or(now, |t| t.max(now)));
-        let due: Vec<u64> = self
-            .participants
-            .values()
-            .filter(|p| p.next_timeout <= now)
-            .map(|p| p.id)
-            .collect();
-        for id in due {
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(p) = self.participants.get_mut(&id) {
+                if p.next_timeout == t {
+                    // Parked until `drive` reports the next deadline, which then always
+                    // differs from this and gets its own heap entry.
+                    p.next_timeout = now + Duration::from_secs(3600);
+                    due.push(id);
+                }
+            }
+        }
+        for &id in &due {
             if let Some(Err(e)) = self.guarded(id, |p| p.rtc.handle_input(Input::Timeout(now))) {
                 debug!(participant = id, "timeout input failed: {e}");
             }
             self.drive(id, now);
         }
+        self.due = due;
         if self
             .last_tick
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20))
@@ -405,6 +426,7 @@ impl Worker {
         self.detectors
             .entry(room.clone())
             .or_insert_with(|| SpeakerDetector::new(SpeakerConfig::default()));
+        self.timers.push(Reverse((now, id)));
         self.participants.insert(
             id,
             Participant {
@@ -710,7 +732,10 @@ impl Worker {
             };
             match out {
                 Output::Timeout(t) => {
-                    p.next_timeout = t;
+                    if t != p.next_timeout {
+                        p.next_timeout = t;
+                        self.timers.push(Reverse((t, id)));
+                    }
                     break;
                 }
                 Output::Transmit(t) => self.transmits.push(Transmit {
