@@ -83,6 +83,10 @@ struct DevArgs {
     /// Do not start the TURN relay (clients then need a direct UDP path to the SFU).
     #[arg(long)]
     no_turn: bool,
+    /// Serve the SFU's Prometheus metrics (packets, forwarding time, rooms) at
+    /// http://ADDR/metrics. Signaling's own metrics stay on --listen.
+    #[arg(long, env = "CHORUS_DEV_SFU_METRICS")]
+    sfu_metrics: Option<SocketAddr>,
     #[command(flatten)]
     chat: ChatArgs,
     #[command(flatten)]
@@ -215,6 +219,9 @@ struct SfuArgs {
     /// Media worker threads, each with its own UDP port; rooms are spread across them.
     #[arg(long, default_value_t = 1, env = "CHORUS_WORKERS")]
     workers: usize,
+    /// Serve Prometheus metrics (packets, forwarding time, rooms) at http://ADDR/metrics.
+    #[arg(long, env = "CHORUS_SFU_METRICS")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     selection: SelectionArgs,
 }
@@ -413,6 +420,10 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         worker: a.selection.worker_config(),
     })
     .await?;
+    let sfu_metrics = match a.sfu_metrics {
+        Some(addr) => Some(serve_metrics(addr, node.metrics.clone()).await?),
+        None => None,
+    };
     // Print the URL only once the node is registered, so the first join cannot race it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while sig.hub.stats().nodes == 0 {
@@ -445,6 +456,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             "  TURN relay (UDP/TCP): {} (credentials come with each join)",
             running.udp_addr
         );
+    }
+    if let Some(m) = sfu_metrics {
+        println!("  SFU metrics: http://{m}/metrics");
     }
     if scheme == "https" {
         println!("  HTTPS uses a self-signed certificate: accept the browser's warning once.");
@@ -589,8 +603,45 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
         "SFU node {node_id} serving media on {:?}, registering with {}",
         node.media_addrs, a.signaling
     );
+    if let Some(addr) = a.metrics {
+        let bound = serve_metrics(addr, node.metrics.clone()).await?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
     wait_for_shutdown().await;
     Ok(())
+}
+
+/// Serves the SFU's metrics over plain HTTP on `addr` (port 0 picks one); returns the
+/// bound address.
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: std::sync::Arc<chorus_sfu::SfuMetrics>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the SFU metrics address {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("SFU metrics server stopped: {e}");
+        }
+    });
+    Ok(bound)
 }
 
 fn token_cmd(a: TokenArgs) -> anyhow::Result<()> {

@@ -29,6 +29,7 @@ fn bin(name: &str) -> PathBuf {
 struct Server {
     child: Child,
     url: String,
+    metrics_port: u16,
     _dir: TempDir,
 }
 
@@ -78,11 +79,13 @@ fn free_port() -> u16 {
 fn start_server() -> Server {
     let dir = TempDir::new("cli-server");
     let port = free_port();
+    let metrics_port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
         .args(["dev", "--no-turn"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--media-listen", "127.0.0.1:0"])
         .args(["--control-listen", "127.0.0.1:0"])
+        .args(["--sfu-metrics", &format!("127.0.0.1:{metrics_port}")])
         .arg("--data-dir")
         .arg(&dir.0)
         .stdout(Stdio::null())
@@ -122,8 +125,22 @@ fn start_server() -> Server {
     Server {
         child,
         url,
+        metrics_port,
         _dir: dir,
     }
+}
+
+/// One sample of the SFU's Prometheus metrics.
+fn sfu_metric(server: &Server, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    r.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the SFU metrics:\n{r}"))
 }
 
 fn cli(server: &Server, name: &str, extra: &[&str]) -> Child {
@@ -271,6 +288,12 @@ fn cli_to_cli_bursts_arrive_with_bounded_delay() {
         streams[0]["lost"], 0,
         "loopback should lose nothing: {listen}"
     );
+    // The SFU counted what it forwarded and how long it took.
+    let forwarded = sfu_metric(&server, "chorus_sfu_rtp_forwarded_total");
+    let received = streams[0]["packets"].as_f64().unwrap();
+    assert!(forwarded >= received, "forwarded {forwarded} < received {received}");
+    assert!(sfu_metric(&server, "chorus_sfu_forward_seconds_count") > 0.0);
+    assert!(sfu_metric(&server, "chorus_sfu_rtp_received_total") >= forwarded);
 }
 
 /// Speech through a link that loses 10% of the packets arriving at the listener:

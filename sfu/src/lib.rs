@@ -9,8 +9,10 @@
 
 pub mod demux;
 pub mod enhance;
+pub mod metrics;
 pub mod node;
 pub mod worker;
 
+pub use metrics::SfuMetrics;
 pub use node::{Node, NodeConfig};
 pub use worker::WorkerConfig;

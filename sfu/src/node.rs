@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,8 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::worker::{Worker, WorkerConfig};
+use crate::metrics::SfuMetrics;
+use crate::worker::{Worker, WorkerConfig, WorkerStats};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -47,6 +49,8 @@ enum WorkerCmd {
 /// A running SFU node.
 pub struct Node {
     pub media_addrs: Vec<SocketAddr>,
+    /// Counters and histograms for `/metrics` (`SfuMetrics::render`).
+    pub metrics: Arc<SfuMetrics>,
     control: tokio::task::JoinHandle<()>,
 }
 
@@ -59,6 +63,7 @@ impl Drop for Node {
 impl Node {
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         let workers = config.workers.max(1);
+        let metrics = Arc::new(SfuMetrics::new(workers));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel::<FromNode>();
         let mut senders = Vec::new();
         let mut media_addrs = Vec::new();
@@ -78,6 +83,7 @@ impl Node {
             senders.push(tx);
             let ev_tx = ev_tx.clone();
             let wcfg = config.worker;
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("chorus-sfu-worker-{i}"))
                 .spawn(move || {
@@ -93,12 +99,14 @@ impl Node {
                         Worker::with_config(local, candidates, wcfg),
                         rx,
                         ev_tx,
+                        (i, metrics),
                     ));
                 })?;
         }
         let control = tokio::spawn(control_loop(config, senders, ev_rx, media_addrs.clone()));
         Ok(Node {
             media_addrs,
+            metrics,
             control,
         })
     }
@@ -123,23 +131,35 @@ async fn run_worker(
     mut worker: Worker,
     mut cmds: mpsc::UnboundedReceiver<WorkerCmd>,
     events: mpsc::UnboundedSender<FromNode>,
+    (index, metrics): (usize, Arc<SfuMetrics>),
 ) {
     let socket = match tokio::net::UdpSocket::from_std(socket) {
         Ok(s) => s,
         Err(e) => return error!("worker socket: {e}"),
     };
     let mut buf = vec![0u8; 2048];
+    let mut seen = WorkerStats::default();
     loop {
         let deadline = worker.next_deadline(Instant::now());
+        let mut received_at = None;
+        let mut rooms_changed = false;
         tokio::select! {
             biased;
-            cmd = cmds.recv() => match cmd {
-                Some(WorkerCmd::Control(c)) => worker.handle_command(Instant::now(), c),
-                Some(WorkerCmd::Reset) => worker.reset(),
-                None => break,
-            },
+            cmd = cmds.recv() => {
+                rooms_changed = true;
+                match cmd {
+                    Some(WorkerCmd::Control(c)) => worker.handle_command(Instant::now(), c),
+                    Some(WorkerCmd::Reset) => worker.reset(),
+                    None => break,
+                }
+            }
             r = socket.recv_from(&mut buf) => match r {
-                Ok((n, src)) => worker.handle_datagram(Instant::now(), src, &buf[..n]),
+                Ok((n, src)) => {
+                    let now = Instant::now();
+                    received_at = Some(now);
+                    metrics.datagrams_received.fetch_add(1, Ordering::Relaxed);
+                    worker.handle_datagram(now, src, &buf[..n]);
+                }
                 // ICMP port unreachable from a departed peer surfaces here; not fatal.
                 Err(e) => tracing::debug!("recv: {e}"),
             },
@@ -150,12 +170,42 @@ async fn run_worker(
             worker.handle_timeout(now);
         }
         for t in worker.take_transmits() {
-            if let Err(e) = socket.send_to(&t.contents, t.destination).await {
-                tracing::debug!("send to {}: {e}", t.destination);
-            }
+            match socket.send_to(&t.contents, t.destination).await {
+                Ok(_) => metrics.datagrams_sent.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::debug!("send to {}: {e}", t.destination);
+                    metrics.send_errors.fetch_add(1, Ordering::Relaxed)
+                }
+            };
         }
         for e in worker.take_events() {
+            rooms_changed = true;
             let _ = events.send(e);
+        }
+        let st = worker.stats();
+        let forwarded = st.packets_forwarded - seen.packets_forwarded;
+        if forwarded > 0 {
+            metrics
+                .rtp_forwarded
+                .fetch_add(forwarded, Ordering::Relaxed);
+            if let Some(t0) = received_at {
+                metrics.forward_time.observe(t0.elapsed());
+            }
+        }
+        if st.packets_in != seen.packets_in {
+            metrics
+                .rtp_received
+                .fetch_add(st.packets_in - seen.packets_in, Ordering::Relaxed);
+        }
+        if st.datagrams_dropped != seen.datagrams_dropped {
+            metrics.datagrams_dropped.fetch_add(
+                st.datagrams_dropped - seen.datagrams_dropped,
+                Ordering::Relaxed,
+            );
+        }
+        seen = st;
+        if rooms_changed {
+            metrics.set_rooms(index, worker.room_sizes().map(|(r, n)| (r.to_string(), n)));
         }
     }
 }

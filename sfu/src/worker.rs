@@ -189,6 +189,11 @@ impl Worker {
         self.rooms.len()
     }
 
+    /// Each room on this worker with its participant count.
+    pub fn room_sizes(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
+        self.rooms.iter().map(|(r, ids)| (r.as_str(), ids.len()))
+    }
+
     pub fn stats(&self) -> WorkerStats {
         self.stats
     }
