@@ -36,5 +36,8 @@ cargo build --release --workspace --bins
 echo "==> cargo test --release"
 cargo test --release --workspace
 
+echo "==> load generator smoke runs"
+bash benches/smoke.sh target/release
+
 echo "==> browser end-to-end tests"
 CHORUS_BIN="$PWD/target/release/chorus" bash tests/e2e/run.sh

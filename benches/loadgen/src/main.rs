@@ -1,0 +1,706 @@
+//! `chorus-loadgen`: runs a load scenario (rooms × participants, who talks, how long)
+//! against a Chorus server with many simulated WebRTC participants in one process, and
+//! measures the server: CPU per forwarded packet, forwarded packets/s, the SFU's own
+//! forwarding time, end-to-end delay, loss and memory per participant.
+//!
+//! By default it starts a fresh `chorus dev` for the run (so the server's CPU and RSS
+//! can be read from `/proc`); `--url` points it at a running server instead.
+
+mod peer;
+mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use chorus_media_core::level::dbov_level;
+use chorus_media_core::opus::{EncoderConfig, OpusEncoder, MAX_PACKET};
+use chorus_protocol::client::Grants;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use peer::{Clip, PeerSpec, Talk};
+use stats::{DelayHistogram, Shared};
+
+/// A scenario file (TOML). Command-line flags override its fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    name: String,
+    rooms: usize,
+    participants_per_room: usize,
+    speakers_per_room: usize,
+    #[serde(with = "humantime_serde_compat")]
+    duration: Duration,
+    /// Joins are spread evenly over this time.
+    #[serde(default, with = "humantime_serde_compat")]
+    ramp: Duration,
+    /// `continuous`, or e.g. `2s/1s` (talk 2 s, silent 1 s).
+    #[serde(default)]
+    talk: Option<String>,
+    /// Extra flags for the `chorus dev` server this scenario runs against.
+    #[serde(default)]
+    server_args: Vec<String>,
+}
+
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Run a Chorus load scenario and measure the server.
+///
+/// Example: chorus-loadgen --scenario benches/scenarios/rooms-20x5.toml
+#[derive(Debug, Parser)]
+#[command(name = "chorus-loadgen", version, verbatim_doc_comment)]
+struct Args {
+    /// Scenario file (benches/scenarios/*.toml).
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Override: number of rooms.
+    #[arg(long)]
+    rooms: Option<usize>,
+    /// Override: participants per room.
+    #[arg(long)]
+    participants: Option<usize>,
+    /// Override: talking participants per room.
+    #[arg(long)]
+    speakers: Option<usize>,
+    /// Override: measured duration (after everyone joined), e.g. 30s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Override: time over which joins are spread.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ramp: Option<Duration>,
+    /// Use a running server (its signaling URL) instead of starting `chorus dev`.
+    /// Server CPU and RSS are then not measured.
+    #[arg(long)]
+    url: Option<String>,
+    /// API key and secret to mint tokens with (default: the dev server's token endpoint).
+    #[arg(long, requires = "api_secret")]
+    api_key: Option<String>,
+    #[arg(long)]
+    api_secret: Option<String>,
+    /// SFU metrics URL of a running server (`chorus sfu --metrics`), with --url.
+    #[arg(long)]
+    sfu_metrics: Option<String>,
+    /// The `chorus` binary to start (default: next to this one).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Speech to send (any WAV; encoded to Opus once at start).
+    #[arg(long)]
+    audio: Option<PathBuf>,
+    /// Write the JSON report here ("-" for stdout).
+    #[arg(long)]
+    report: Option<String>,
+    /// Fail (exit 1) unless every listener got packets from every speaker of its room,
+    /// no participant failed and nothing was lost. For smoke runs in CI.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    scenario: String,
+    rooms: usize,
+    participants: usize,
+    speakers: usize,
+    measured_secs: f64,
+    joined: u64,
+    connected: u64,
+    failed: u64,
+    /// Packets the publishers sent and the subscribers received in the window.
+    sent_pps: f64,
+    received_pps: f64,
+    loss_percent: f64,
+    e2e_delay_ms_p50: Option<f64>,
+    e2e_delay_ms_p99: Option<f64>,
+    mean_jitter_ms: f64,
+    /// From the SFU's metrics.
+    forwarded_pps: Option<f64>,
+    sfu_forward_ms_p50: Option<f64>,
+    sfu_forward_ms_p99: Option<f64>,
+    /// From /proc of the server process (whole `chorus dev`: signaling + SFU).
+    server_cpu_percent: Option<f64>,
+    server_cpu_us_per_forwarded_packet: Option<f64>,
+    server_rss_idle_mb: Option<f64>,
+    server_rss_loaded_mb: Option<f64>,
+    server_rss_kb_per_participant: Option<f64>,
+    consistency_errors: Vec<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chorus-loadgen: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("chorus-loadgen: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    metrics: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(bin: &Path, extra: &[String]) -> anyhow::Result<Server> {
+    let data = std::env::temp_dir().join(format!("chorus-loadgen-{}", std::process::id()));
+    let mut child = Command::new(bin)
+        .args(["dev", "--no-turn", "--chat-memory"])
+        .args(["--listen", "127.0.0.1:0", "--media-listen", "127.0.0.1:0"])
+        .args([
+            "--control-listen",
+            "127.0.0.1:0",
+            "--sfu-metrics",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(extra)
+        .env("CHORUS_LOG", "warn,str0m=error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut url = None;
+        let mut metrics = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(m) = line.trim().strip_prefix("SFU metrics: ") {
+                metrics = Some(m.to_string());
+            }
+            if let Some(rest) = line.strip_prefix("Open ") {
+                url = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let (Some(u), Some(m)) = (&url, &metrics) {
+                let _ = tx.send((u.clone(), m.clone()));
+                url = None;
+            }
+        }
+    });
+    let (url, metrics) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .context("chorus dev did not print its URL within 20 s")?;
+    Ok(Server {
+        child,
+        url,
+        metrics,
+    })
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
+}
+
+fn rss_kb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A minimal HTTP GET (the metrics endpoint is plain HTTP on loopback).
+async fn http_get(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::net::TcpStream::connect(authority).await?;
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default())
+}
+
+/// Metric name (with labels) → value.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A quantile of the SFU's forwarding-time histogram between two scrapes, in ms
+/// (linear within the bucket).
+fn forward_quantile(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    q: f64,
+) -> Option<f64> {
+    let prefix = "chorus_sfu_forward_seconds_bucket{le=\"";
+    let mut buckets: Vec<(f64, f64)> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(prefix)?.strip_suffix("\"}")?;
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v - before.get(k).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, c) in buckets {
+        if c >= want {
+            if le.is_infinite() {
+                return Some(prev.0 * 1000.0);
+            }
+            let frac = if c > prev.1 {
+                (want - prev.1) / (c - prev.1)
+            } else {
+                1.0
+            };
+            return Some((prev.0 + (le - prev.0) * frac) * 1000.0);
+        }
+        prev = (le, c);
+    }
+    None
+}
+
+/// Encodes the clip once: every publisher sends the same packets.
+fn load_clip(path: &Path) -> anyhow::Result<Clip> {
+    use chorus_native::session::AudioSource;
+    let mut src = chorus_native::wav::WavSource::open(path, false)?;
+    let mut enc = OpusEncoder::new(EncoderConfig {
+        complexity: 5,
+        ..EncoderConfig::default()
+    })?;
+    let mut frames = Vec::new();
+    let mut pcm = [0i16; 960];
+    let mut out = [0u8; MAX_PACKET];
+    for _ in 0..src.frames() {
+        src.read(&mut pcm);
+        let n = enc.encode(&pcm, &mut out)?;
+        frames.push((out[..n].to_vec(), dbov_level(&pcm)));
+    }
+    if frames.is_empty() {
+        bail!("{} has no audio", path.display());
+    }
+    Ok(Clip { frames })
+}
+
+fn parse_talk(s: Option<&str>) -> anyhow::Result<Talk> {
+    match s {
+        None | Some("continuous") => Ok(Talk::Continuous),
+        Some(p) => {
+            let (on, off) = p
+                .split_once('/')
+                .ok_or_else(|| anyhow!("talk must be `continuous` or `ON/OFF` like 2s/1s"))?;
+            Ok(Talk::Pattern {
+                on: humantime::parse_duration(on)?,
+                off: humantime::parse_duration(off)?,
+            })
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let mut sc: Scenario =
+        toml::from_str(&text).with_context(|| format!("parsing {}", args.scenario.display()))?;
+    sc.rooms = args.rooms.unwrap_or(sc.rooms).max(1);
+    sc.participants_per_room = args.participants.unwrap_or(sc.participants_per_room).max(1);
+    sc.speakers_per_room = args
+        .speakers
+        .unwrap_or(sc.speakers_per_room)
+        .min(sc.participants_per_room);
+    sc.duration = args.duration.unwrap_or(sc.duration);
+    sc.ramp = args.ramp.unwrap_or(sc.ramp);
+    let talk = parse_talk(sc.talk.as_deref())?;
+    let total = sc.rooms * sc.participants_per_room;
+
+    let audio = args.audio.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../media-core/fixtures/speech.wav")
+    });
+    let clip = Arc::new(load_clip(&audio)?);
+
+    let server = match &args.url {
+        Some(_) => None,
+        None => {
+            let bin = match &args.server_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?.with_file_name("chorus"),
+            };
+            Some(start_server(&bin, &sc.server_args)?)
+        }
+    };
+    let url = match (&args.url, &server) {
+        (Some(u), _) => u.clone(),
+        (None, Some(s)) => s.url.clone(),
+        (None, None) => unreachable!("a server is started when no --url is given"),
+    };
+    let metrics_url = args
+        .sfu_metrics
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.metrics.clone()));
+    let pid = server.as_ref().map(|s| s.child.id());
+    let rss_idle = pid.and_then(rss_kb);
+    eprintln!(
+        "scenario {}: {} rooms × {} participants ({} talking each) = {total} participants, {} measured, joins over {}",
+        sc.name,
+        sc.rooms,
+        sc.participants_per_room,
+        sc.speakers_per_room,
+        humantime::format_duration(sc.duration),
+        humantime::format_duration(sc.ramp),
+    );
+    eprintln!("server: {url}");
+
+    let speakers_total = sc.rooms * sc.speakers_per_room;
+    let shared = Arc::new(Shared::new(speakers_total));
+    let settle = Duration::from_secs(3);
+    let run_start = tokio::time::Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    // Room membership: which publisher indices each room has.
+    let mut room_speakers: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut next_pub = 0u32;
+    let step = if total > 1 {
+        sc.ramp / total as u32
+    } else {
+        Duration::ZERO
+    };
+    for i in 0..total {
+        let r = i % sc.rooms;
+        let k = i / sc.rooms;
+        let room = format!("{}-{r}", sc.name);
+        let publisher = if k < sc.speakers_per_room {
+            let p = next_pub;
+            next_pub += 1;
+            room_speakers.entry(room.clone()).or_default().push(p);
+            Some(p)
+        } else {
+            None
+        };
+        let name = format!("lg{i}");
+        let token = match (&args.api_key, &args.api_secret) {
+            (Some(key), Some(secret)) => {
+                let claims = chorus_signaling::token::participant_claims(
+                    key,
+                    &room,
+                    &name,
+                    None,
+                    Duration::from_secs(3600),
+                    Grants::default_participant(),
+                );
+                chorus_signaling::token::mint(&claims, secret)?
+            }
+            _ => chorus_native::signaling::dev_token(&url, &name, &room)
+                .await
+                .context("dev token (use --api-key/--api-secret for a non-dev server)")?,
+        };
+        let spec = PeerSpec {
+            index: i,
+            url: chorus_native::session::normalize_url(&url),
+            token,
+            publisher,
+            talk,
+            stop: stop_rx.clone(),
+        };
+        tasks.push(tokio::spawn(peer::run(spec, clip.clone(), shared.clone())));
+        if !step.is_zero() {
+            tokio::time::sleep_until(run_start + step * (i as u32 + 1)).await;
+        }
+        progress(&shared, run_start, total, "joining");
+    }
+
+    // Wait until everyone is connected (or failed), then settle, then measure.
+    let connect_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed);
+        if c as usize >= total || tokio::time::Instant::now() > connect_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(settle).await;
+    let m0 = match &metrics_url {
+        Some(u) => Some(parse_metrics(&http_get(u).await?)),
+        None => None,
+    };
+    let cpu0 = pid.and_then(cpu_seconds);
+    let t0 = Instant::now();
+    let tx0 = shared.tx_packets.load(Ordering::Relaxed);
+    let rx0 = shared.rx_packets.load(Ordering::Relaxed);
+    let lost0 = shared.lost.load(Ordering::Relaxed);
+    let d0 = shared.delay.snapshot();
+    let measure_end = tokio::time::Instant::now() + sc.duration;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        progress(&shared, run_start, total, "measuring");
+        if tokio::time::Instant::now() >= measure_end {
+            break;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(cpu_seconds);
+    let rss_loaded = pid.and_then(rss_kb);
+    let m1 = match &metrics_url {
+        Some(u) => Some(parse_metrics(&http_get(u).await?)),
+        None => None,
+    };
+    let _ = stop_tx.send(true);
+    let tx = shared.tx_packets.load(Ordering::Relaxed) - tx0;
+    let rx = shared.rx_packets.load(Ordering::Relaxed) - rx0;
+    let lost = shared.lost.load(Ordering::Relaxed) - lost0;
+    let d1 = shared.delay.snapshot();
+    let dd: Vec<u64> = d1.iter().zip(d0.iter()).map(|(a, b)| a - b).collect();
+    eprintln!();
+
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await?);
+    }
+
+    let forwarded = match (&m0, &m1) {
+        (Some(a), Some(b)) => Some(
+            b.get("chorus_sfu_rtp_forwarded_total")
+                .copied()
+                .unwrap_or(0.0)
+                - a.get("chorus_sfu_rtp_forwarded_total")
+                    .copied()
+                    .unwrap_or(0.0),
+        ),
+        _ => None,
+    };
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let mut errors = Vec::new();
+    for r in &results {
+        if let Some(e) = &r.error {
+            errors.push(e.clone());
+            continue;
+        }
+        // Every participant must hear every other speaker of its room.
+        if let Some(speakers) = room_speakers.get(&r.room) {
+            for p in speakers {
+                if Some(*p) == r.publisher {
+                    continue;
+                }
+                if r.per_publisher.get(p).copied().unwrap_or(0) == 0 {
+                    errors.push(format!(
+                        "{} in {} got nothing from speaker {p}",
+                        r.identity, r.room
+                    ));
+                }
+            }
+        }
+        for p in r.per_publisher.keys() {
+            if !room_speakers.get(&r.room).is_some_and(|s| s.contains(p)) {
+                errors.push(format!(
+                    "{} in {} got packets from speaker {p} of another room",
+                    r.identity, r.room
+                ));
+            }
+        }
+    }
+    if lost > 0 {
+        errors.push(format!("{lost} packets lost during the measured window"));
+    }
+    let jitters: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.jitter_ms.iter().copied())
+        .collect();
+    let report = Report {
+        scenario: sc.name.clone(),
+        rooms: sc.rooms,
+        participants: total,
+        speakers: speakers_total,
+        measured_secs: secs,
+        joined: shared.joined.load(Ordering::Relaxed),
+        connected: shared.connected.load(Ordering::Relaxed),
+        failed: shared.failed.load(Ordering::Relaxed),
+        sent_pps: tx as f64 / secs,
+        received_pps: rx as f64 / secs,
+        loss_percent: if rx + lost > 0 {
+            100.0 * lost as f64 / (rx + lost) as f64
+        } else {
+            0.0
+        },
+        e2e_delay_ms_p50: DelayHistogram::quantile_ms(&dd, 0.5),
+        e2e_delay_ms_p99: DelayHistogram::quantile_ms(&dd, 0.99),
+        mean_jitter_ms: if jitters.is_empty() {
+            0.0
+        } else {
+            jitters.iter().sum::<f64>() / jitters.len() as f64
+        },
+        forwarded_pps: forwarded.map(|f| f / secs),
+        sfu_forward_ms_p50: m0
+            .as_ref()
+            .zip(m1.as_ref())
+            .and_then(|(a, b)| forward_quantile(a, b, 0.5)),
+        sfu_forward_ms_p99: m0
+            .as_ref()
+            .zip(m1.as_ref())
+            .and_then(|(a, b)| forward_quantile(a, b, 0.99)),
+        server_cpu_percent: cpu.map(|c| 100.0 * c / secs),
+        server_cpu_us_per_forwarded_packet: match (cpu, forwarded) {
+            (Some(c), Some(f)) if f > 0.0 => Some(c * 1e6 / f),
+            _ => None,
+        },
+        server_rss_idle_mb: rss_idle.map(|k| k / 1024.0),
+        server_rss_loaded_mb: rss_loaded.map(|k| k / 1024.0),
+        server_rss_kb_per_participant: match (rss_idle, rss_loaded) {
+            (Some(a), Some(b)) => Some((b - a) / total as f64),
+            _ => None,
+        },
+        consistency_errors: errors.iter().take(20).cloned().collect(),
+    };
+    print_summary(&report);
+    if let Some(dest) = &args.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        if dest == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(dest, json).with_context(|| format!("writing {dest}"))?;
+        }
+    }
+    if args.check && !errors.is_empty() {
+        eprintln!("check failed: {} problems", errors.len());
+        for e in errors.iter().take(20) {
+            eprintln!("  {e}");
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn progress(shared: &Shared, start: tokio::time::Instant, total: usize, phase: &str) {
+    use std::io::IsTerminal;
+    // On a terminal one line redraws itself; in a log, one line every 5 s.
+    let tty = std::io::stderr().is_terminal();
+    let t = start.elapsed().as_secs_f64();
+    if !tty && (t % 5.0) > 1.0 {
+        return;
+    }
+    eprint!(
+        "{}{phase:>9} t={:>5.1}s joined {}/{total} connected {} failed {} · tx {} rx {} lost {}   {}",
+        if tty { "\r" } else { "" },
+        t,
+        shared.joined.load(Ordering::Relaxed),
+        shared.connected.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed),
+        shared.tx_packets.load(Ordering::Relaxed),
+        shared.rx_packets.load(Ordering::Relaxed),
+        shared.lost.load(Ordering::Relaxed),
+        if tty { "" } else { "\n" },
+    );
+}
+
+fn print_summary(r: &Report) {
+    let f = |v: Option<f64>, unit: &str| {
+        v.map(|x| format!("{x:.2} {unit}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    eprintln!(
+        "── {} ({} participants, {} speakers, {:.1} s measured)",
+        r.scenario, r.participants, r.speakers, r.measured_secs
+    );
+    eprintln!(
+        "  joined {} · connected {} · failed {}",
+        r.joined, r.connected, r.failed
+    );
+    eprintln!("  forwarded          {}", f(r.forwarded_pps, "pkt/s"));
+    eprintln!(
+        "  server CPU         {} ({})",
+        f(r.server_cpu_us_per_forwarded_packet, "µs/forwarded pkt"),
+        f(r.server_cpu_percent, "% of a core")
+    );
+    eprintln!(
+        "  SFU forwarding     p50 {} · p99 {}",
+        f(r.sfu_forward_ms_p50, "ms"),
+        f(r.sfu_forward_ms_p99, "ms")
+    );
+    eprintln!(
+        "  end-to-end delay   p50 {} · p99 {}",
+        f(r.e2e_delay_ms_p50, "ms"),
+        f(r.e2e_delay_ms_p99, "ms")
+    );
+    eprintln!(
+        "  loss {:.3}% · jitter {:.2} ms · sent {:.0} pkt/s · received {:.0} pkt/s",
+        r.loss_percent, r.mean_jitter_ms, r.sent_pps, r.received_pps
+    );
+    eprintln!(
+        "  server RSS         idle {} · loaded {} · {}",
+        f(r.server_rss_idle_mb, "MB"),
+        f(r.server_rss_loaded_mb, "MB"),
+        f(r.server_rss_kb_per_participant, "KB/participant")
+    );
+    if !r.consistency_errors.is_empty() {
+        eprintln!(
+            "  consistency: {} problems (first: {})",
+            r.consistency_errors.len(),
+            r.consistency_errors[0]
+        );
+    }
+}
