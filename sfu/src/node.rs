@@ -72,9 +72,8 @@ impl Node {
             if addr.port() != 0 {
                 addr.set_port(addr.port() + i as u16);
             }
-            let socket = std::net::UdpSocket::bind(addr)
-                .with_context(|| format!("binding media UDP socket {addr}"))?;
-            socket.set_nonblocking(true)?;
+            let socket =
+                bind_media(addr).with_context(|| format!("binding media UDP socket {addr}"))?;
             let local = socket.local_addr()?;
             let candidates = candidate_addrs(local, &config.advertise);
             info!(worker = i, %local, ?candidates, "media worker listening");
@@ -110,6 +109,24 @@ impl Node {
             control,
         })
     }
+}
+
+/// Kernel buffer for a worker socket. Every participant's 20 ms frames arrive in
+/// bursts, and the default ~200 kB receive buffer (about 100 datagrams once the
+/// kernel's per-packet overhead is counted) overflowed under load testing as soon as
+/// the worker thread was descheduled for a few milliseconds. The kernel caps the
+/// request at net.core.rmem_max / wmem_max.
+const MEDIA_SOCKET_BUF: usize = 4 << 20;
+
+fn bind_media(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer only means more loss under bursts.
+    let _ = s.set_recv_buffer_size(MEDIA_SOCKET_BUF);
+    let _ = s.set_send_buffer_size(MEDIA_SOCKET_BUF);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// Host candidates: the socket's own address, or the advertised IPs for a wildcard bind.

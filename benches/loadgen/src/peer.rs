@@ -59,6 +59,17 @@ pub struct PeerSpec {
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
+/// A loopback UDP socket with a receive buffer big enough for bursts (a listener of
+/// a busy room gets several streams' packets at once).
+fn bind_socket() -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(1 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    Ok(UdpSocket::from_std(s.into())?)
+}
+
 /// What one participant saw, returned when it ends.
 #[derive(Debug, Default)]
 pub struct PeerResult {
@@ -104,7 +115,7 @@ async fn run_inner(
     result.room = room;
     shared.joined.fetch_add(1, Ordering::Relaxed);
 
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let socket = bind_socket()?;
     let local = socket.local_addr()?;
     let mut rtc = Rtc::builder()
         .clear_codecs()
