@@ -291,7 +291,10 @@ fn cli_to_cli_bursts_arrive_with_bounded_delay() {
     // The SFU counted what it forwarded and how long it took.
     let forwarded = sfu_metric(&server, "chorus_sfu_rtp_forwarded_total");
     let received = streams[0]["packets"].as_f64().unwrap();
-    assert!(forwarded >= received, "forwarded {forwarded} < received {received}");
+    assert!(
+        forwarded >= received,
+        "forwarded {forwarded} < received {received}"
+    );
     assert!(sfu_metric(&server, "chorus_sfu_forward_seconds_count") > 0.0);
     assert!(sfu_metric(&server, "chorus_sfu_rtp_received_total") >= forwarded);
 }
@@ -512,5 +515,96 @@ fn library_sessions_chat_over_data_channels() {
             let report = task.await.unwrap().unwrap();
             assert_eq!(report.end_reason, "left");
         }
+    });
+}
+
+/// The library's reconnect: the signaling socket drops (no close handshake), the
+/// session rejoins with resume within the grace period, media never stops, and the
+/// new socket carries commands (a mute others see).
+#[test]
+fn library_session_resumes_after_a_signaling_drop() {
+    use chorus_native::session::{self, Command, Config, Event, Silence};
+    use chorus_native::wav::Tone;
+    use tokio::sync::mpsc;
+
+    let server = start_server();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let start = |name: &'static str, hz: f64| {
+            let url = server.url.clone();
+            async move {
+                let token = chorus_native::signaling::dev_token(&url, name, "resume-native")
+                    .await
+                    .unwrap();
+                let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+                let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(session::run(
+                    Config::new(url, token),
+                    Box::new(Tone::new(hz, -12.0)),
+                    Box::new(Silence),
+                    cmd_rx,
+                    ev_tx,
+                ));
+                (cmd_tx, ev_rx, task)
+            }
+        };
+        async fn until(
+            rx: &mut mpsc::UnboundedReceiver<Event>,
+            what: &str,
+            mut pred: impl FnMut(&Event) -> bool,
+        ) -> Event {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(e)) if pred(&e) => return e,
+                    Ok(Some(Event::Ended { reason })) => panic!("{what}: session ended: {reason}"),
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{what}: session gone"),
+                    Err(_) => panic!("timed out waiting for {what}"),
+                }
+            }
+        }
+        let (a_cmd, mut a_ev, a_task) = start("Ana", 440.0).await;
+        let (b_cmd, mut b_ev, b_task) = start("Bo", 880.0).await;
+        until(&mut a_ev, "Ana hears Bo", |e| {
+            matches!(e, Event::FirstAudio { .. })
+        })
+        .await;
+        until(&mut b_ev, "Bo hears Ana", |e| {
+            matches!(e, Event::FirstAudio { .. })
+        })
+        .await;
+
+        a_cmd.send(Command::ReconnectSignaling).unwrap();
+        until(&mut a_ev, "Ana reconnecting", |e| {
+            matches!(e, Event::Reconnecting { .. })
+        })
+        .await;
+        let back = until(&mut a_ev, "Ana reconnected", |e| {
+            matches!(e, Event::Reconnected { .. })
+        })
+        .await;
+        assert_eq!(back, Event::Reconnected { resumed: true });
+
+        // Audio goes on both ways; then the new socket carries a mute Bo sees.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        a_cmd.send(Command::SetMuted(true)).unwrap();
+        until(
+            &mut b_ev,
+            "Bo sees Ana muted",
+            |e| matches!(e, Event::ParticipantUpdated(p) if p.name == "Ana" && p.muted),
+        )
+        .await;
+        a_cmd.send(Command::Leave).unwrap();
+        b_cmd.send(Command::Leave).unwrap();
+        let a = a_task.await.unwrap().unwrap();
+        let b = b_task.await.unwrap().unwrap();
+        assert_eq!(a.reconnects, 1, "{a:?}");
+        // Ana kept hearing Bo throughout: no stream restarts, no loss.
+        let from_bo = &a.streams[0];
+        assert!(from_bo.packets > 60, "{a:?}");
+        assert_eq!(from_bo.lost, 0, "{a:?}");
+        assert!(b.streams[0].packets > 60, "{b:?}");
+        assert_eq!(b.streams[0].lost, 0, "{b:?}");
     });
 }

@@ -132,6 +132,8 @@ struct Report {
     /// From /proc of the server process (whole `chorus dev`: signaling + SFU).
     server_cpu_percent: Option<f64>,
     server_cpu_us_per_forwarded_packet: Option<f64>,
+    /// The kernel's share of it (system time: socket calls).
+    server_sys_us_per_forwarded_packet: Option<f64>,
     server_rss_idle_mb: Option<f64>,
     server_rss_loaded_mb: Option<f64>,
     server_rss_kb_per_participant: Option<f64>,
@@ -227,15 +229,15 @@ fn start_server(bin: &Path, extra: &[String]) -> anyhow::Result<Server> {
     })
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// (utime, stime) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after ')'.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
+    Some((utime / 100.0, stime / 100.0)) // USER_HZ is 100 on Linux
 }
 
 fn rss_kb(pid: u32) -> Option<f64> {
@@ -531,9 +533,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         ),
         _ => None,
     };
-    let cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
+    let (cpu, sys) = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => (Some(b.0 + b.1 - a.0 - a.1), Some(b.1 - a.1)),
+        _ => (None, None),
     };
     let mut errors = Vec::new();
     for r in &results {
@@ -605,6 +607,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .and_then(|(a, b)| forward_quantile(a, b, 0.99)),
         server_cpu_percent: cpu.map(|c| 100.0 * c / secs),
         server_cpu_us_per_forwarded_packet: match (cpu, forwarded) {
+            (Some(c), Some(f)) if f > 0.0 => Some(c * 1e6 / f),
+            _ => None,
+        },
+        server_sys_us_per_forwarded_packet: match (sys, forwarded) {
             (Some(c), Some(f)) if f > 0.0 => Some(c * 1e6 / f),
             _ => None,
         },

@@ -113,6 +113,9 @@ pub enum Command {
     PushToTalk(bool),
     SendChat(String),
     SetTyping(bool),
+    /// Drop the signaling connection as a network failure would, and reconnect with
+    /// resume (media keeps flowing meanwhile). For a "reconnect" button and for tests.
+    ReconnectSignaling,
     /// Leave the room and end the session.
     Leave,
 }
@@ -446,12 +449,14 @@ pub async fn run(
 
     let (sig_out, sig_out_rx) = mpsc::unbounded_channel::<ClientMessage>();
     let (sig_in_tx, mut sig_in) = mpsc::unbounded_channel::<Sig>();
+    let (sig_drop, sig_drop_rx) = mpsc::unbounded_channel::<()>();
     let sig_task = tokio::spawn(signaling_task(
         client,
         url.clone(),
         config.token.clone(),
         config.reconnect,
         sig_out_rx,
+        sig_drop_rx,
         sig_in_tx,
     ));
 
@@ -753,6 +758,9 @@ pub async fn run(
                         }
                         volumes.insert(sid, volume);
                     }
+                    Command::ReconnectSignaling => {
+                        let _ = sig_drop.send(());
+                    }
                     Command::SetDenoise(on) => capture.set_denoise(on),
                     Command::SetGate(g) => capture.set_gate(g),
                     Command::PushToTalk(down) => capture.set_push_to_talk(down),
@@ -945,6 +953,7 @@ async fn signaling_task(
     token: String,
     reconnect: bool,
     mut out: mpsc::UnboundedReceiver<ClientMessage>,
+    mut drop_requests: mpsc::UnboundedReceiver<()>,
     to_session: mpsc::UnboundedSender<Sig>,
 ) {
     let grace = Duration::from_secs(15);
@@ -968,8 +977,11 @@ async fn signaling_task(
                     Ok(Incoming::Closed(c)) => break format!("closed by the server: {c:?}"),
                     Err(e) => break format!("{e}"),
                 },
+                Some(()) = drop_requests.recv() => break "dropped on request".to_string(),
             }
         };
+        // Without a close handshake, as a failing network would leave it.
+        client.abort();
         if !reconnect {
             let _ = to_session.send(Sig::Closed(format!("signaling connection lost: {lost}")));
             return;
