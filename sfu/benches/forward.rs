@@ -1,0 +1,326 @@
+//! Micro-benchmarks of the SFU worker core (no sockets): forwarding one publisher's
+//! SRTP packet to N subscribers (str0m decrypt, speaker detection, rewrite, encrypt
+//! per subscriber), demuxing a datagram, and a speaker-detector update. Allocations per
+//! forwarded packet are counted with a counting global allocator and printed.
+//!
+//! `cargo bench -p chorus-sfu --bench forward`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chorus_media_core::speaker::{SpeakerConfig, SpeakerDetector};
+use chorus_protocol::control::{FromNode, ToNode};
+use chorus_sfu::worker::Worker;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct Peer {
+    id: u64,
+    addr: SocketAddr,
+    rtc: Rtc,
+    mic: Option<Mid>,
+    pending: Option<SdpPendingOffer>,
+    connected: bool,
+}
+
+/// A worker with one publisher and `subscribers` listeners, all connected.
+struct Room {
+    worker: Worker,
+    sfu: SocketAddr,
+    peers: Vec<Peer>,
+    now: Instant,
+}
+
+impl Room {
+    fn new(subscribers: usize) -> Room {
+        let sfu: SocketAddr = "10.0.0.1:7882".parse().unwrap();
+        let now = Instant::now();
+        let mut room = Room {
+            worker: Worker::new(sfu, vec![sfu]),
+            sfu,
+            peers: Vec::new(),
+            now,
+        };
+        for id in 1..=(subscribers as u64 + 1) {
+            room.join(id, id == 1);
+            room.run(Duration::from_millis(100));
+        }
+        room.run(Duration::from_millis(500));
+        assert!(room.peers.iter().all(|p| p.connected), "all peers connect");
+        room
+    }
+
+    fn join(&mut self, id: u64, publish: bool) {
+        self.worker.handle_command(
+            self.now,
+            ToNode::AddParticipant {
+                participant: id,
+                room: "bench".into(),
+                identity: format!("u{id}"),
+                name: format!("U{id}"),
+                publish,
+                subscribe: true,
+            },
+        );
+        let addr: SocketAddr = format!("10.1.{}.{}:4000", id / 250, id % 250 + 1)
+            .parse()
+            .unwrap();
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        let dir = if publish {
+            Direction::SendOnly
+        } else {
+            Direction::RecvOnly
+        };
+        let mid = api.add_media(MediaKind::Audio, dir, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        self.peers.push(Peer {
+            id,
+            addr,
+            rtc,
+            mic: publish.then_some(mid),
+            pending: Some(pending),
+            connected: false,
+        });
+        self.worker.handle_command(
+            self.now,
+            ToNode::ClientOffer {
+                participant: id,
+                sdp: offer.to_sdp_string(),
+            },
+        );
+    }
+
+    fn pump(&mut self) {
+        let now = self.now;
+        for _ in 0..50 {
+            let mut moved = false;
+            for p in &mut self.peers {
+                loop {
+                    match p.rtc.poll_output().unwrap() {
+                        Output::Transmit(t) => {
+                            self.worker.handle_datagram(now, p.addr, &t.contents);
+                            moved = true;
+                        }
+                        Output::Event(Event::Connected) => p.connected = true,
+                        Output::Event(_) => {}
+                        Output::Timeout(_) => break,
+                    }
+                }
+            }
+            let out: Vec<_> = self.worker.take_transmits().collect();
+            for t in out {
+                moved = true;
+                if let Some(p) = self.peers.iter_mut().find(|p| p.addr == t.destination) {
+                    let input = Input::Receive(
+                        now,
+                        Receive {
+                            proto: Protocol::Udp,
+                            source: self.sfu,
+                            destination: p.addr,
+                            contents: t.contents.as_slice().try_into().unwrap(),
+                        },
+                    );
+                    let _ = p.rtc.handle_input(input);
+                }
+            }
+            let events: Vec<_> = self.worker.take_events().collect();
+            for ev in events {
+                moved = true;
+                match ev {
+                    FromNode::Answer { participant, sdp } => {
+                        let p = self.peers.iter_mut().find(|p| p.id == participant).unwrap();
+                        let pending = p.pending.take().unwrap();
+                        p.rtc
+                            .sdp_api()
+                            .accept_answer(pending, SdpAnswer::from_sdp_string(&sdp).unwrap())
+                            .unwrap();
+                    }
+                    FromNode::Offer { participant, sdp } => {
+                        let p = self.peers.iter_mut().find(|p| p.id == participant).unwrap();
+                        let answer = p
+                            .rtc
+                            .sdp_api()
+                            .accept_offer(SdpOffer::from_sdp_string(&sdp).unwrap())
+                            .unwrap();
+                        self.worker.handle_command(
+                            now,
+                            ToNode::ClientAnswer {
+                                participant,
+                                sdp: answer.to_sdp_string(),
+                            },
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += Duration::from_millis(5);
+            let now = self.now;
+            for p in &mut self.peers {
+                let _ = p.rtc.handle_input(Input::Timeout(now));
+            }
+            if self.worker.next_deadline(now) <= now {
+                self.worker.handle_timeout(now);
+            }
+            self.pump();
+        }
+    }
+
+    /// `n` SRTP datagrams from the publisher, 1 µs of simulated time apart (no
+    /// timers fire while they are fed).
+    fn publisher_datagrams(&mut self, n: usize, first_seq: u64) -> Vec<Vec<u8>> {
+        let p = &mut self.peers[0];
+        let mid = p.mic.unwrap();
+        let pt = p
+            .rtc
+            .codec_config()
+            .iter()
+            .find(|c| c.spec().codec == Codec::Opus)
+            .unwrap()
+            .pt();
+        let payload = vec![0x78u8; 80]; // a typical 32 kb/s Opus frame size
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let now = self.now + Duration::from_micros(i);
+            let ext = ExtensionValues {
+                audio_level: Some(-30),
+                voice_activity: Some(true),
+                ..Default::default()
+            };
+            let seq = first_seq + i;
+            if let Some(tx) = p.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                tx.write_rtp(
+                    RtpWrite::new(pt, seq.into(), (seq * 960) as u32, now, payload.clone())
+                        .ext_vals(ext),
+                );
+            }
+            // str0m sends queued RTP when it handles time.
+            let _ = p.rtc.handle_input(Input::Timeout(now));
+            loop {
+                match p.rtc.poll_output().unwrap() {
+                    Output::Transmit(t) => {
+                        if t.contents.len() > 50 {
+                            out.push(t.contents.to_vec());
+                        }
+                    }
+                    Output::Event(_) => {}
+                    Output::Timeout(_) => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+fn forward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("forward_one_packet");
+    g.measurement_time(Duration::from_secs(4));
+    g.warm_up_time(Duration::from_millis(500));
+    for subs in [1usize, 4, 20] {
+        let mut room = Room::new(subs);
+        let mut seq = 1_000u64;
+        let mut reported = false;
+        g.throughput(Throughput::Elements(subs as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(subs), &subs, |b, _| {
+            b.iter_custom(|iters| {
+                let packets = room.publisher_datagrams(iters as usize, seq);
+                seq += iters;
+                let from = room.peers[0].addr;
+                let base = room.now;
+                let a0 = ALLOCS.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                let mut sent = 0usize;
+                for (i, d) in packets.iter().enumerate() {
+                    // What the node's loop does per datagram.
+                    let t = base + Duration::from_micros(i as u64);
+                    room.worker.handle_datagram(t, from, d);
+                    if room.worker.next_deadline(t) <= t {
+                        room.worker.handle_timeout(t);
+                    }
+                    sent += room.worker.take_transmits().count();
+                }
+                let el = t0.elapsed();
+                let allocs = ALLOCS.load(Ordering::Relaxed) - a0;
+                room.now = base + Duration::from_micros(iters);
+                assert!(sent > 0 || iters < 10, "nothing was forwarded");
+                if iters > 1000 && !reported {
+                    reported = true;
+                    eprintln!(
+                        "  {subs} subscribers: {sent} datagrams out for {iters} in, {:.2} allocations per forwarded packet",
+                        allocs as f64 / sent.max(1) as f64
+                    );
+                }
+                el
+            })
+        });
+    }
+    g.finish();
+}
+
+fn demux(c: &mut Criterion) {
+    let room = Room::new(20);
+    let mut worker = room.worker;
+    // A datagram from an address nobody uses: the demux lookup and the drop.
+    let stranger: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+    let pkt = vec![0x80u8; 120];
+    let now = room.now;
+    c.bench_function("demux_unknown_source", |b| {
+        b.iter(|| worker.handle_datagram(now, stranger, &pkt))
+    });
+}
+
+fn speaker(c: &mut Criterion) {
+    let mut d: SpeakerDetector<u64> = SpeakerDetector::new(SpeakerConfig::default());
+    let t0 = Instant::now();
+    let mut i = 0u64;
+    c.bench_function("speaker_detector_update", |b| {
+        b.iter(|| {
+            i += 1;
+            d.observe(i % 50, 30, t0 + Duration::from_millis(i / 50 * 20));
+        })
+    });
+}
+
+criterion_group!(benches, forward, demux, speaker);
+criterion_main!(benches);
