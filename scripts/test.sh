@@ -17,6 +17,18 @@ command -v cc >/dev/null || need_pkgs+=(build-essential)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 command -v cmake >/dev/null || need_pkgs+=(cmake)          # builds the bundled libopus
 command -v espeak-ng >/dev/null || need_pkgs+=(espeak-ng)  # speech fixtures for audio tests
+command -v xvfb-run >/dev/null || need_pkgs+=(xvfb)          # desktop smoke test: a virtual X display
+command -v xauth >/dev/null || need_pkgs+=(xauth)            # xvfb-run needs it
+command -v python3 >/dev/null || need_pkgs+=(python3)        # desktop smoke test: ports, PNG check
+dpkg -s libasound2-dev >/dev/null 2>&1 || need_pkgs+=(libasound2-dev)     # builds cpal (desktop client)
+dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || need_pkgs+=(libgl1-mesa-dri)   # software OpenGL under Xvfb
+dpkg -s libegl1 >/dev/null 2>&1 || need_pkgs+=(libegl1)                   # desktop window: EGL/GL loaders
+dpkg -s libgl1 >/dev/null 2>&1 || need_pkgs+=(libgl1)
+dpkg -s libxkbcommon-x11-0 >/dev/null 2>&1 || need_pkgs+=(libxkbcommon-x11-0)  # desktop window: X11 keyboard
+dpkg -s libxcursor1 >/dev/null 2>&1 || need_pkgs+=(libxcursor1)
+dpkg -s libxi6 >/dev/null 2>&1 || need_pkgs+=(libxi6)
+dpkg -s libxrandr2 >/dev/null 2>&1 || need_pkgs+=(libxrandr2)
+dpkg -s libx11-xcb1 >/dev/null 2>&1 || need_pkgs+=(libx11-xcb1)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]}"
   SUDO=""
@@ -41,3 +53,4 @@ bash benches/smoke.sh target/release
 
 echo "==> browser end-to-end tests"
 CHORUS_BIN="$PWD/target/release/chorus" bash tests/e2e/run.sh
+bash tests/desktop/smoke.sh

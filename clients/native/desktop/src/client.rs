@@ -68,7 +68,9 @@ impl SessionHandle {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tell(Update::Failed(format!("could not start the network runtime: {e}")));
+                        tell(Update::Failed(format!(
+                            "could not start the network runtime: {e}"
+                        )));
                         return;
                     }
                 };
@@ -84,6 +86,18 @@ impl SessionHandle {
             updates,
             thread: Some(thread),
         })
+    }
+
+    /// A handle with no session behind it, for testing the UI state.
+    #[cfg(test)]
+    pub fn detached() -> SessionHandle {
+        let (commands, _) = mpsc::unbounded_channel();
+        let (_, updates) = mpsc::unbounded_channel();
+        SessionHandle {
+            commands,
+            updates,
+            thread: None,
+        }
     }
 
     pub fn send(&self, command: Command) {
@@ -162,7 +176,10 @@ pub fn explain(url: &str, what: &str, e: &anyhow::Error) -> String {
         format!("Cannot reach the server at {url} (connection refused). Is it running, and is the address right?")
     } else if lower.contains("timed out") {
         format!("The server at {url} did not answer in time.")
-    } else if lower.contains("failed to lookup") || lower.contains("resolving") || lower.contains("name or service not known") {
+    } else if lower.contains("failed to lookup")
+        || lower.contains("resolving")
+        || lower.contains("name or service not known")
+    {
         format!("Cannot find the server {url}: the host name does not resolve.")
     } else if lower.contains("invalid_token") {
         "The server rejected the access token. Check that it was minted for this server.".into()
@@ -191,7 +208,10 @@ mod tests {
         let e = anyhow::anyhow!("Connection refused (os error 111)")
             .context("connecting to ws://127.0.0.1:9/ws");
         let m = explain("http://127.0.0.1:9", "Could not join", &e);
-        assert!(m.starts_with("Cannot reach the server at http://127.0.0.1:9"), "{m}");
+        assert!(
+            m.starts_with("Cannot reach the server at http://127.0.0.1:9"),
+            "{m}"
+        );
         assert!(m.contains("os error 111"), "{m}");
         let e = anyhow::anyhow!("join refused: invalid_token (bad signature)");
         assert!(explain("u", "Could not join", &e).contains("rejected the access token"));
@@ -206,11 +226,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_server_fails_the_join_with_a_clear_message() {
-        // Port 9 (discard) on loopback: nothing listens there in tests.
+        // A loopback port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(9);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_cmd, commands) = mpsc::unbounded_channel();
         let request = JoinRequest {
-            url: "http://127.0.0.1:9".into(),
+            url: format!("http://127.0.0.1:{port}"),
             login: Login::Dev {
                 name: "t".into(),
                 room: "r".into(),

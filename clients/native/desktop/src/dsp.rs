@@ -8,12 +8,13 @@ pub const PIPELINE_HZ: u32 = 48_000;
 /// Lowest level the meter shows; also what silence reports.
 pub const FLOOR_DBFS: f32 = -96.0;
 
-/// Averages one interleaved frame of `channels` samples to a mono sample.
-pub fn downmix(frame: &[f32]) -> f32 {
+/// Averages one interleaved frame of channel samples to a mono sample (converting each
+/// with `to_f32`, so it works on the device's own sample type without a copy).
+pub fn downmix<T: Copy>(frame: &[T], to_f32: impl Fn(T) -> f32) -> f32 {
     if frame.is_empty() {
         return 0.0;
     }
-    frame.iter().sum::<f32>() / frame.len() as f32
+    frame.iter().map(|&s| to_f32(s)).sum::<f32>() / frame.len() as f32
 }
 
 /// `-1.0..=1.0` to 16-bit, saturating (a hot microphone must clip, not wrap).
@@ -96,10 +97,12 @@ mod tests {
 
     #[test]
     fn downmix_averages_channels() {
-        assert_eq!(downmix(&[0.5, -0.5]), 0.0);
-        assert_eq!(downmix(&[0.25, 0.75]), 0.5);
-        assert_eq!(downmix(&[0.3]), 0.3);
-        assert_eq!(downmix(&[]), 0.0);
+        let id = |s: f32| s;
+        assert_eq!(downmix(&[0.5, -0.5], id), 0.0);
+        assert_eq!(downmix(&[0.25, 0.75], id), 0.5);
+        assert_eq!(downmix(&[0.3], id), 0.3);
+        assert_eq!(downmix(&[], id), 0.0);
+        assert_eq!(downmix(&[16_384i16, 0], from_i16), 0.25);
     }
 
     #[test]

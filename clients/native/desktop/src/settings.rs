@@ -114,7 +114,11 @@ impl Settings {
     /// Clamps what a hand-edited file may have got wrong.
     fn sanitized(mut self) -> Self {
         for v in self.volumes.values_mut() {
-            *v = if v.is_finite() { v.clamp(0.0, 4.0) } else { 1.0 };
+            *v = if v.is_finite() {
+                v.clamp(0.0, 4.0)
+            } else {
+                1.0
+            };
         }
         if egui_key(&self.ptt_key).is_none() {
             self.ptt_key = Settings::default().ptt_key;
@@ -166,7 +170,11 @@ mod tests {
         assert_eq!(s, Settings::default());
         assert!(w.unwrap().contains("ignored"));
         // Partial files keep their keys and default the rest; bad values are clamped.
-        std::fs::write(&bad, "name = \"x\"\nptt_key = \"Nope\"\n[volumes]\nbob = 99.0\n").unwrap();
+        std::fs::write(
+            &bad,
+            "name = \"x\"\nptt_key = \"Nope\"\n[volumes]\nbob = 99.0\n",
+        )
+        .unwrap();
         let (s, _) = Settings::load(&bad);
         assert_eq!(s.name, "x");
         assert_eq!(s.ptt_key, "F8");
