@@ -678,8 +678,9 @@ fn print_summary(r: &Report) {
     );
     eprintln!("  forwarded          {}", f(r.forwarded_pps, "pkt/s"));
     eprintln!(
-        "  server CPU         {} ({})",
+        "  server CPU         {} ({} of it in the kernel; {})",
         f(r.server_cpu_us_per_forwarded_packet, "µs/forwarded pkt"),
+        f(r.server_sys_us_per_forwarded_packet, "µs"),
         f(r.server_cpu_percent, "% of a core")
     );
     eprintln!(
