@@ -124,6 +124,8 @@ struct Report {
     loss_percent: f64,
     e2e_delay_ms_p50: Option<f64>,
     e2e_delay_ms_p99: Option<f64>,
+    /// Packets that arrived more than ~10 s after they were sent (overload).
+    delay_over_10s: u64,
     mean_jitter_ms: f64,
     /// From the SFU's metrics.
     forwarded_pps: Option<f64>,
@@ -493,6 +495,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let rx0 = shared.rx_packets.load(Ordering::Relaxed);
     let lost0 = shared.lost.load(Ordering::Relaxed);
     let d0 = shared.delay.snapshot();
+    let unmeasured0 = shared.unmeasured.load(Ordering::Relaxed);
     let measure_end = tokio::time::Instant::now() + sc.duration;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -591,6 +594,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         e2e_delay_ms_p50: DelayHistogram::quantile_ms(&dd, 0.5),
         e2e_delay_ms_p99: DelayHistogram::quantile_ms(&dd, 0.99),
+        delay_over_10s: shared.unmeasured.load(Ordering::Relaxed) - unmeasured0,
         mean_jitter_ms: if jitters.is_empty() {
             0.0
         } else {
@@ -689,9 +693,10 @@ fn print_summary(r: &Report) {
         f(r.sfu_forward_ms_p99, "ms")
     );
     eprintln!(
-        "  end-to-end delay   p50 {} · p99 {}",
+        "  end-to-end delay   p50 {} · p99 {} · {} packets over 10 s late",
         f(r.e2e_delay_ms_p50, "ms"),
-        f(r.e2e_delay_ms_p99, "ms")
+        f(r.e2e_delay_ms_p99, "ms"),
+        r.delay_over_10s
     );
     eprintln!(
         "  loss {:.3}% · jitter {:.2} ms · sent {:.0} pkt/s · received {:.0} pkt/s",

@@ -169,10 +169,14 @@ async fn run_inner(
                             let publisher = u32::from_be_bytes([s[4], s[5], s[6], s[7]]);
                             let counter = u32::from_be_bytes([s[8], s[9], s[10], s[11]]);
                             *result.per_publisher.entry(publisher).or_default() += 1;
-                            if let Some(sent) = shared.sent_at(publisher, counter) {
-                                shared
+                            match shared.sent_at(publisher, counter) {
+                                Some(sent) => shared
                                     .delay
-                                    .observe(shared.elapsed_ns(now).saturating_sub(sent));
+                                    .observe(shared.elapsed_ns(now).saturating_sub(sent)),
+                                // Older than the send-time ring (> 10 s late).
+                                None => {
+                                    shared.unmeasured.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                     }

@@ -60,6 +60,8 @@ pub struct Shared {
     pub rx_packets: AtomicU64,
     pub lost: AtomicU64,
     pub delay: DelayHistogram,
+    /// Packets whose send time had left the ring (more than ~10 s in flight).
+    pub unmeasured: AtomicU64,
     /// Per publisher, a ring of (counter << 40 | send time in ns since `start`).
     sent: Vec<AtomicU64>,
 }
@@ -78,6 +80,7 @@ impl Shared {
             rx_packets: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             delay: DelayHistogram::new(),
+            unmeasured: AtomicU64::new(0),
             sent: (0..publishers.max(1) * SLOTS)
                 .map(|_| AtomicU64::new(u64::MAX))
                 .collect(),
