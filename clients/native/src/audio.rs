@@ -83,6 +83,7 @@ pub struct Capture {
     muted: bool,
     packet: [u8; MAX_PACKET],
     state: CaptureState,
+    dtx: bool,
 }
 
 impl std::fmt::Debug for Capture {
@@ -108,6 +109,7 @@ impl Capture {
             muted: false,
             packet: [0; MAX_PACKET],
             state: CaptureState::default(),
+            dtx: encoder.dtx,
         })
     }
 
@@ -169,6 +171,12 @@ impl Capture {
             raw_level
         };
         let n = self.encoder.encode(frame, &mut self.packet)?;
+        // With DTX, libopus marks silence with 1–2 byte packets that are not meant to
+        // be sent (receivers conceal the gap); its periodic comfort-noise updates are
+        // larger and go out.
+        if self.dtx && n <= 2 {
+            return Ok(None);
+        }
         Ok(Some(Encoded {
             payload: &self.packet[..n],
             level,
@@ -329,5 +337,91 @@ impl<K: Copy + Eq + std::hash::Hash> Playback<K> {
             .filter_map(|k| self.streams.get(k).map(|s| (*k, &s.pcm[..])))
             .collect();
         self.mixer.mix(&inputs, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tone(frame: &mut Frame, n: u64) {
+        for (i, s) in frame.iter_mut().enumerate() {
+            let t = (n * 960 + i as u64) as f64 / 48_000.0;
+            *s = ((2.0 * std::f64::consts::PI * 440.0 * t).sin() * 8000.0) as i16;
+        }
+    }
+
+    #[test]
+    fn dtx_sends_nothing_in_silence_and_everything_in_speech() {
+        let cfg = EncoderConfig {
+            dtx: true,
+            ..EncoderConfig::default()
+        };
+        let mut c = Capture::new(cfg, false, Gate::Open).unwrap();
+        let mut f: Frame = [0; 960];
+        let mut sent_silence = 0;
+        for _ in 0..100 {
+            f.fill(0);
+            if c.process(&mut f).unwrap().is_some() {
+                sent_silence += 1;
+            }
+        }
+        // A few frames before DTX kicks in and the sparse comfort-noise updates.
+        assert!(
+            sent_silence < 25,
+            "{sent_silence} of 100 silent frames sent"
+        );
+        let mut sent_tone = 0;
+        for n in 0..50 {
+            tone(&mut f, n);
+            if c.process(&mut f).unwrap().is_some() {
+                sent_tone += 1;
+            }
+        }
+        assert!(sent_tone >= 49, "{sent_tone} of 50 tone frames sent");
+    }
+
+    #[test]
+    fn the_gate_and_mute_decide_what_is_sent() {
+        let mut c = Capture::new(EncoderConfig::default(), false, Gate::PushToTalk).unwrap();
+        let mut f: Frame = [0; 960];
+        tone(&mut f, 0);
+        assert!(c.process(&mut f).unwrap().is_none(), "ptt not held");
+        c.set_push_to_talk(true);
+        tone(&mut f, 1);
+        assert!(c.process(&mut f).unwrap().is_some(), "ptt held");
+        c.set_muted(true);
+        tone(&mut f, 2);
+        assert!(c.process(&mut f).unwrap().is_none(), "muted");
+        assert!(!c.state().transmitting);
+    }
+
+    #[test]
+    fn playback_mixes_two_streams_and_deafen_silences() {
+        let mut enc = OpusEncoder::new(EncoderConfig::default()).unwrap();
+        let mut p: Playback<u8> = Playback::new(JitterConfig::default());
+        let t0 = Instant::now();
+        let mut f: Frame = [0; 960];
+        let mut out: Frame = [0; 960];
+        let mut pkt = [0u8; MAX_PACKET];
+        let mut loud = 0;
+        for n in 0..30u16 {
+            tone(&mut f, u64::from(n));
+            let len = enc.encode(&f, &mut pkt).unwrap();
+            let now = t0 + std::time::Duration::from_millis(20 * u64::from(n));
+            for key in [1u8, 2] {
+                p.push(key, n, u32::from(n) * 960, &pkt[..len], now)
+                    .unwrap();
+            }
+            p.pull(now, &mut out);
+            if chorus_media_core::vad::frame_dbov(&out) > -20.0 {
+                loud += 1;
+            }
+        }
+        assert!(loud > 20, "{loud}");
+        assert_eq!(p.stats(1).unwrap().packets, 30);
+        p.set_deafened(true);
+        p.pull(t0 + std::time::Duration::from_millis(600), &mut out);
+        assert!(out.iter().all(|&s| s == 0));
     }
 }

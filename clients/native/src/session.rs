@@ -88,6 +88,8 @@ impl Config {
             encoder: EncoderConfig {
                 // Cheaper than the library default and indistinguishable for speech.
                 complexity: 5,
+                // Silence costs (almost) no packets.
+                dtx: true,
                 ..EncoderConfig::default()
             },
             jitter: JitterConfig::default(),
