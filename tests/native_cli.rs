@@ -425,51 +425,67 @@ fn speech_survives_ten_percent_loss_without_gaps() {
     assert!(stream["fec_recovered"].as_u64().unwrap() > 0, "{listen}");
 }
 
+type Session = (
+    tokio::sync::mpsc::UnboundedSender<chorus_native::session::Command>,
+    tokio::sync::mpsc::UnboundedReceiver<chorus_native::session::Event>,
+    tokio::task::JoinHandle<anyhow::Result<chorus_native::session::Report>>,
+);
+
+/// Starts an in-process library session with a dev token; playback is discarded.
+async fn start_session(
+    url: String,
+    name: &str,
+    room: &str,
+    source: Box<dyn chorus_native::session::AudioSource>,
+) -> Session {
+    use chorus_native::session::{run, Config, Silence};
+    let token = chorus_native::signaling::dev_token(&url, name, room)
+        .await
+        .unwrap();
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(run(
+        Config::new(url, token),
+        source,
+        Box::new(Silence),
+        cmd_rx,
+        ev_tx,
+    ));
+    (cmd_tx, ev_rx, task)
+}
+
+/// The next event matching `pred`, failing on the session's end or after 15 s.
+async fn until(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<chorus_native::session::Event>,
+    what: &str,
+    mut pred: impl FnMut(&chorus_native::session::Event) -> bool,
+) -> chorus_native::session::Event {
+    use chorus_native::session::Event;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(Event::Ended { reason })) => panic!("{what}: session ended: {reason}"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("{what}: session gone"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
 /// The client library's chat: two in-process sessions exchange a message and a typing
 /// signal over the data channels, and a late joiner gets it in the history.
 #[test]
 fn library_sessions_chat_over_data_channels() {
-    use chorus_native::session::{self, Command, Config, Event, Silence};
+    use chorus_native::session::{Command, Event, Silence};
     use chorus_protocol::chat::ChatServerFrame;
-    use tokio::sync::mpsc;
 
     let server = start_server();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let start = |name: &'static str| {
-            let url = server.url.clone();
-            async move {
-                let token = chorus_native::signaling::dev_token(&url, name, "chat-native")
-                    .await
-                    .unwrap();
-                let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-                let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-                let task = tokio::spawn(session::run(
-                    Config::new(url, token),
-                    Box::new(Silence),
-                    Box::new(Silence),
-                    cmd_rx,
-                    ev_tx,
-                ));
-                (cmd_tx, ev_rx, task)
-            }
+            start_session(server.url.clone(), name, "chat-native", Box::new(Silence))
         };
-        async fn until(
-            rx: &mut mpsc::UnboundedReceiver<Event>,
-            what: &str,
-            mut pred: impl FnMut(&Event) -> bool,
-        ) -> Event {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(e)) if pred(&e) => return e,
-                    Ok(Some(Event::Ended { reason })) => panic!("{what}: session ended: {reason}"),
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("{what}: session gone"),
-                    Err(_) => panic!("timed out waiting for {what}"),
-                }
-            }
-        }
         let (a_cmd, mut a_ev, a_task) = start("Ana").await;
         let (b_cmd, mut b_ev, b_task) = start("Bo").await;
         until(&mut a_ev, "Ana's chat", |e| *e == Event::ChatReady).await;
@@ -523,47 +539,16 @@ fn library_sessions_chat_over_data_channels() {
 /// new socket carries commands (a mute others see).
 #[test]
 fn library_session_resumes_after_a_signaling_drop() {
-    use chorus_native::session::{self, Command, Config, Event, Silence};
+    use chorus_native::session::{Command, Event};
     use chorus_native::wav::Tone;
-    use tokio::sync::mpsc;
 
     let server = start_server();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let start = |name: &'static str, hz: f64| {
-            let url = server.url.clone();
-            async move {
-                let token = chorus_native::signaling::dev_token(&url, name, "resume-native")
-                    .await
-                    .unwrap();
-                let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-                let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-                let task = tokio::spawn(session::run(
-                    Config::new(url, token),
-                    Box::new(Tone::new(hz, -12.0)),
-                    Box::new(Silence),
-                    cmd_rx,
-                    ev_tx,
-                ));
-                (cmd_tx, ev_rx, task)
-            }
+            let tone = Box::new(Tone::new(hz, -12.0));
+            start_session(server.url.clone(), name, "resume-native", tone)
         };
-        async fn until(
-            rx: &mut mpsc::UnboundedReceiver<Event>,
-            what: &str,
-            mut pred: impl FnMut(&Event) -> bool,
-        ) -> Event {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(e)) if pred(&e) => return e,
-                    Ok(Some(Event::Ended { reason })) => panic!("{what}: session ended: {reason}"),
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("{what}: session gone"),
-                    Err(_) => panic!("timed out waiting for {what}"),
-                }
-            }
-        }
         let (a_cmd, mut a_ev, a_task) = start("Ana", 440.0).await;
         let (b_cmd, mut b_ev, b_task) = start("Bo", 880.0).await;
         until(&mut a_ev, "Ana hears Bo", |e| {

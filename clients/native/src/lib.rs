@@ -15,3 +15,15 @@ pub mod signaling;
 pub mod wav;
 
 pub use signaling::{Incoming, SignalingClient};
+
+/// Logging for the client programs (CLI, desktop, load generator): warnings and errors
+/// on stderr, or what `CHORUS_LOG` asks for (e.g. `CHORUS_LOG=debug`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -996,7 +996,7 @@ async fn signaling_task(
             let _ = to_session.send(Sig::Reconnecting(attempt));
             let backoff = Duration::from_millis(250 * u64::from(attempt.min(8)));
             tokio::time::sleep(backoff).await;
-            match rejoin(&url, &token).await {
+            match SignalingClient::join_with(&url, &token, true).await {
                 Ok(x) => break Some(x),
                 Err(e) => {
                     tracing::warn!("reconnect attempt {attempt} failed: {e:#}");
@@ -1020,24 +1020,6 @@ async fn signaling_task(
                 return;
             }
         }
-    }
-}
-
-async fn rejoin(url: &str, token: &str) -> anyhow::Result<(SignalingClient, ServerMessage)> {
-    let mut c = SignalingClient::connect(url).await?;
-    c.send(&ClientMessage::Join {
-        token: token.to_string(),
-        room: None,
-        resume: true,
-        protocol: Some(chorus_protocol::PROTOCOL_VERSION),
-    })
-    .await?;
-    match c.recv_timeout(Duration::from_secs(10)).await? {
-        Incoming::Message(m @ ServerMessage::Joined { .. }) => Ok((c, m)),
-        Incoming::Message(ServerMessage::Error { code, message }) => {
-            bail!("join refused: {} ({message})", code.as_str())
-        }
-        other => bail!("unexpected reply to join: {other:?}"),
     }
 }
 

@@ -35,11 +35,21 @@ impl SignalingClient {
     /// Connects and joins with `token`; returns the client and the `joined` message, or
     /// the server's error as an `Err`.
     pub async fn join(url: &str, token: &str) -> anyhow::Result<(Self, ServerMessage)> {
+        Self::join_with(url, token, false).await
+    }
+
+    /// [`SignalingClient::join`], asking to take back a seat kept during the reconnect
+    /// grace period when `resume` is true.
+    pub async fn join_with(
+        url: &str,
+        token: &str,
+        resume: bool,
+    ) -> anyhow::Result<(Self, ServerMessage)> {
         let mut c = Self::connect(url).await?;
         c.send(&ClientMessage::Join {
             token: token.to_string(),
             room: None,
-            resume: false,
+            resume,
             protocol: Some(chorus_protocol::PROTOCOL_VERSION),
         })
         .await?;

@@ -74,13 +74,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    chorus_native::init_logging();
 
     let settings_path = args.settings.clone().or_else(settings::default_path);
     let (mut settings, settings_warning) = match &settings_path {
