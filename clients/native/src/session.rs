@@ -10,7 +10,7 @@
 //! The signaling socket lives in its own task so a dropped connection can be retried
 //! (with `resume: true`, within the server's grace period) while media keeps flowing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -477,10 +477,9 @@ pub async fn run(
     let mut deafened = false;
     let mut volumes: HashMap<String, f32> = HashMap::new();
     let mut rng = XorShift(u64::from(rand_u32()) | 1);
-    let mut first_audio_from: HashMap<String, ()> = HashMap::new();
+    let mut first_audio_from: HashSet<String> = HashSet::new();
     let mut transmitting = false;
     let mut finished: Vec<StreamReport> = Vec::new();
-    let mut input_ended = false;
 
     let mut tick = tokio::time::interval(FRAME);
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -489,7 +488,6 @@ pub async fn run(
     let mut buf = vec![0u8; 2000];
     let mut ticks: u64 = 0;
     let mut capture_started: Option<u64> = None;
-    let tick_origin = Instant::now();
     let wall_origin = SystemTime::now();
 
     let end_reason: String;
@@ -542,8 +540,7 @@ pub async fn run(
                         let Some(sid) = media.tracks.get(&data.mid) else {
                             continue;
                         };
-                        if !first_audio_from.contains_key(sid) {
-                            first_audio_from.insert(sid.clone(), ());
+                        if first_audio_from.insert(sid.clone()) {
                             let after = started.elapsed();
                             report.first_audio_ms.get_or_insert(ms(after));
                             let _ = events.send(Event::FirstAudio {
@@ -684,10 +681,9 @@ pub async fn run(
                 // Capture: only once media is up, so frame 0 of the input is the first
                 // one the others can hear.
                 if media.connected && media.mic.is_some() {
-                    let more = source.read(&mut frame);
-                    if !more && !input_ended {
-                        input_ended = true;
-                    }
+                    // An ended input reads as silence; the application decides when
+                    // to leave (the CLI stops after its input's length).
+                    let _ = source.read(&mut frame);
                     if capture_started.is_none() {
                         capture_started = Some(ticks);
                     }
@@ -796,7 +792,6 @@ pub async fn run(
         let at = wall_origin + FRAME * t as u32;
         report.capture_start_unix_ms = Some(unix_ms(at));
     }
-    let _ = tick_origin;
     let mut streams = std::mem::take(&mut finished);
     for (mid, sid) in &media.tracks {
         if let Some(st) = playback.stats(*mid) {
