@@ -50,7 +50,7 @@ struct Peer {
     connected: bool,
 }
 
-/// A worker with one publisher and `subscribers` listeners, all connected.
+/// A worker with one room of peers, all connected.
 struct Room {
     worker: Worker,
     sfu: SocketAddr,
@@ -59,7 +59,13 @@ struct Room {
 }
 
 impl Room {
+    /// One publisher and `subscribers` listeners.
     fn new(subscribers: usize) -> Room {
+        Room::with_publishers(subscribers + 1, 1)
+    }
+
+    /// `total` peers of which the first `publishers` publish (all subscribe).
+    fn with_publishers(total: usize, publishers: usize) -> Room {
         let sfu: SocketAddr = "10.0.0.1:7882".parse().unwrap();
         let now = Instant::now();
         let mut room = Room {
@@ -68,8 +74,8 @@ impl Room {
             peers: Vec::new(),
             now,
         };
-        for id in 1..=(subscribers as u64 + 1) {
-            room.join(id, id == 1);
+        for id in 1..=(total as u64) {
+            room.join(id, id <= publishers as u64);
             room.run(Duration::from_millis(100));
         }
         room.run(Duration::from_millis(500));
@@ -207,10 +213,10 @@ impl Room {
         }
     }
 
-    /// `n` SRTP datagrams from the publisher, 1 µs of simulated time apart (no
-    /// timers fire while they are fed).
-    fn publisher_datagrams(&mut self, n: usize, first_seq: u64) -> Vec<Vec<u8>> {
-        let p = &mut self.peers[0];
+    /// `n` SRTP datagrams from publisher `k` (peer index), 1 µs of simulated time
+    /// apart (no timers fire while they are fed).
+    fn publisher_datagrams(&mut self, k: usize, n: usize, first_seq: u64) -> Vec<Vec<u8>> {
+        let p = &mut self.peers[k];
         let mid = p.mic.unwrap();
         let pt = p
             .rtc
@@ -264,7 +270,7 @@ fn forward(c: &mut Criterion) {
         g.throughput(Throughput::Elements(subs as u64));
         g.bench_with_input(BenchmarkId::from_parameter(subs), &subs, |b, _| {
             b.iter_custom(|iters| {
-                let packets = room.publisher_datagrams(iters as usize, seq);
+                let packets = room.publisher_datagrams(0, iters as usize, seq);
                 seq += iters;
                 let from = room.peers[0].addr;
                 let base = room.now;
@@ -298,6 +304,53 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
+/// One 20 ms round of a room of 5 where everyone talks: one datagram from each
+/// publisher (20 forwarded packets). `per_datagram` takes the transmits after every
+/// datagram, as the node did before it batched; `batched` feeds the round's datagrams
+/// and then takes the transmits once, as the node does with a batch from `recvmmsg`.
+fn round(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round_5_talking");
+    g.measurement_time(Duration::from_secs(4));
+    g.warm_up_time(Duration::from_millis(500));
+    g.throughput(Throughput::Elements(20));
+    for batched in [false, true] {
+        let mut room = Room::with_publishers(5, 5);
+        let mut seq = 1_000u64;
+        let name = if batched { "batched" } else { "per_datagram" };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let per_pub: Vec<Vec<Vec<u8>>> = (0..5)
+                    .map(|k| room.publisher_datagrams(k, iters as usize, seq))
+                    .collect();
+                seq += iters;
+                let addrs: Vec<SocketAddr> = room.peers.iter().map(|p| p.addr).collect();
+                let base = room.now;
+                let t0 = Instant::now();
+                let mut sent = 0usize;
+                for i in 0..iters as usize {
+                    let t = base + Duration::from_micros(i as u64);
+                    for (k, dgrams) in per_pub.iter().enumerate() {
+                        let Some(d) = dgrams.get(i) else { continue };
+                        room.worker.handle_datagram(t, addrs[k], d);
+                        if !batched {
+                            sent += room.worker.take_transmits().count();
+                        }
+                    }
+                    if room.worker.next_deadline(t) <= t {
+                        room.worker.handle_timeout(t);
+                    }
+                    sent += room.worker.take_transmits().count();
+                }
+                let el = t0.elapsed();
+                room.now = base + Duration::from_micros(iters);
+                assert!(sent > 0 || iters < 10, "nothing was forwarded");
+                el
+            })
+        });
+    }
+    g.finish();
+}
+
 fn demux(c: &mut Criterion) {
     let room = Room::new(20);
     let mut worker = room.worker;
@@ -322,5 +375,5 @@ fn speaker(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, forward, demux, speaker);
+criterion_group!(benches, forward, round, demux, speaker);
 criterion_main!(benches);

@@ -9,8 +9,10 @@
 
 pub mod demux;
 pub mod enhance;
+pub mod fasthash;
 pub mod metrics;
 pub mod node;
+pub mod udp;
 pub mod worker;
 
 pub use metrics::SfuMetrics;

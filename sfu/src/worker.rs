@@ -6,7 +6,7 @@
 //! self`, no locks): commands from the control plane arrive as messages.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::demux::{is_stun, stun_local_ufrag};
 use crate::enhance::Enhancer;
+use crate::fasthash::FastMap;
 
 /// A datagram to send.
 pub struct Transmit {
@@ -39,6 +40,13 @@ const SIGNALS_PER_SEC: u32 = 10;
 /// Largest data-channel frame the node passes on (chat text is 4000 characters at most,
 /// up to 4 bytes each, plus JSON).
 const MAX_CHANNEL_FRAME: usize = 20 * 1024;
+
+/// Period of the room tick: speaker detection and selection, ICE give-up checks.
+const TICK: Duration = Duration::from_millis(20);
+
+/// Due timeouts `drive` handles on the spot before leaving the rest to the timer heap
+/// (a bound in case a session keeps reporting a deadline in the past).
+const MAX_INLINE_TIMEOUTS: u32 = 4;
 
 /// How long a participant's ICE may stay disconnected before the node gives up.
 const ICE_DISCONNECT_GRACE: Duration = Duration::from_secs(10);
@@ -78,11 +86,18 @@ struct Participant {
     published: Option<Mid>,
     /// Opus payload type negotiated with this participant.
     opus_pt: Option<str0m::format::PayloadParams>,
-    downtracks: HashMap<u64, DownTrack>,
+    downtracks: FastMap<u64, DownTrack>,
     /// Tracks whose publisher left: to be stopped in the next offer.
     stale: Vec<Mid>,
     pending_offer: Option<SdpPendingOffer>,
+    /// str0m's latest deadline for this participant.
     next_timeout: Instant,
+    /// The time of this participant's live entry in the worker's timer heap, if any.
+    /// At most one entry is live: a deadline that moves later leaves the earlier entry
+    /// in place, which re-queues the new deadline when it pops.
+    queued: Option<Instant>,
+    /// Audio was written to this participant's session since it was last polled.
+    dirty: bool,
     disconnected_since: Option<Instant>,
 }
 
@@ -95,17 +110,17 @@ pub struct Worker {
     /// Levels at or below this count as voice (the speaker detector's threshold).
     voice_threshold: u8,
     /// Rooms above the selection size → the speakers currently forwarded there.
-    selected: HashMap<String, Vec<u64>>,
+    selected: FastMap<String, Vec<u64>>,
     /// Reused list of forwarding targets (no allocation per packet).
     scratch: Vec<u64>,
     local_addr: SocketAddr,
     candidate_addrs: Vec<SocketAddr>,
-    participants: HashMap<u64, Participant>,
-    rooms: HashMap<String, Vec<u64>>,
-    by_ufrag: HashMap<String, u64>,
-    by_addr: HashMap<SocketAddr, u64>,
+    participants: FastMap<u64, Participant>,
+    rooms: FastMap<String, Vec<u64>>,
+    by_ufrag: FastMap<String, u64>,
+    by_addr: FastMap<SocketAddr, u64>,
     /// One speaker detector per room: dominance is a per-room notion.
-    detectors: HashMap<String, SpeakerDetector<u64>>,
+    detectors: FastMap<String, SpeakerDetector<u64>>,
     transmits: Vec<Transmit>,
     events: Vec<FromNode>,
     /// Reused buffer of packets a publisher produced in one poll.
@@ -119,6 +134,11 @@ pub struct Worker {
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Reused list of participants due in one `handle_timeout`.
     due: Vec<u64>,
+    /// Subscribers with forwarded audio not yet polled out of their session. Polling a
+    /// str0m session walks ICE, DTLS, SCTP and every stream, so it is done once per
+    /// subscriber per batch of datagrams (in [`Worker::flush`]) rather than once per
+    /// forwarded packet.
+    dirty: Vec<u64>,
 }
 
 /// Tunables of a worker.
@@ -162,15 +182,15 @@ impl Worker {
             config,
             now: None,
             voice_threshold: SpeakerConfig::default().threshold,
-            selected: HashMap::new(),
+            selected: FastMap::default(),
             scratch: Vec::new(),
             local_addr,
             candidate_addrs,
-            participants: HashMap::new(),
-            rooms: HashMap::new(),
-            by_ufrag: HashMap::new(),
-            by_addr: HashMap::new(),
-            detectors: HashMap::new(),
+            participants: FastMap::default(),
+            rooms: FastMap::default(),
+            by_ufrag: FastMap::default(),
+            by_addr: FastMap::default(),
+            detectors: FastMap::default(),
             transmits: Vec::new(),
             events: Vec::new(),
             packets: Vec::new(),
@@ -178,6 +198,7 @@ impl Worker {
             stats: WorkerStats::default(),
             timers: BinaryHeap::new(),
             due: Vec::new(),
+            dirty: Vec::new(),
         }
     }
 
@@ -198,8 +219,26 @@ impl Worker {
         self.stats
     }
 
+    /// Datagrams to send. Polls every subscriber that was written to first (see
+    /// [`Worker::flush`]), so nothing forwarded is left behind.
     pub fn take_transmits(&mut self) -> std::vec::Drain<'_, Transmit> {
+        self.flush();
         self.transmits.drain(..)
+    }
+
+    /// Polls the sessions of subscribers that forwarded audio was written to. The
+    /// shell feeds a batch of datagrams and then takes the transmits, which flushes;
+    /// calling it earlier only trades batching for latency.
+    pub fn flush(&mut self) {
+        let Some(now) = self.now else {
+            return;
+        };
+        // `drive` can forward (a subscriber's own audio) and so mark more dirty.
+        while let Some(id) = self.dirty.pop() {
+            if self.participants.get(&id).is_some_and(|p| p.dirty) {
+                self.drive(id, now);
+            }
+        }
     }
 
     pub fn take_events(&mut self) -> std::vec::Drain<'_, FromNode> {
@@ -208,7 +247,10 @@ impl Worker {
 
     /// The earliest instant at which [`Worker::handle_timeout`] must be called.
     pub fn next_deadline(&self, now: Instant) -> Instant {
-        let tick = now + Duration::from_millis(50);
+        // The room tick (speaker detection, selection, ICE give-up) is due 20 ms after
+        // the last one whatever else happens: under steady traffic the node's loop
+        // never idles long enough for a relative timeout to expire.
+        let tick = self.last_tick.map_or(now, |t| t + TICK);
         // A stale top entry only makes this earlier: the worker then wakes once for
         // nothing and `handle_timeout` discards it.
         self.timers
@@ -273,13 +315,21 @@ impl Worker {
                 break;
             }
             self.timers.pop();
-            if let Some(p) = self.participants.get_mut(&id) {
-                if p.next_timeout == t {
-                    // Parked until `drive` reports the next deadline, which then always
-                    // differs from this and gets its own heap entry.
-                    p.next_timeout = now + Duration::from_secs(3600);
-                    due.push(id);
-                }
+            let Some(p) = self.participants.get_mut(&id) else {
+                continue;
+            };
+            if p.queued != Some(t) {
+                // Superseded by an earlier deadline pushed after this one.
+                continue;
+            }
+            p.queued = None;
+            if p.next_timeout <= now {
+                // `drive` queues whatever deadline str0m reports next.
+                due.push(id);
+            } else {
+                // The deadline moved later since this entry was pushed.
+                p.queued = Some(p.next_timeout);
+                self.timers.push(Reverse((p.next_timeout, id)));
             }
         }
         for &id in &due {
@@ -291,7 +341,7 @@ impl Worker {
         self.due = due;
         if self
             .last_tick
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(20))
+            .is_none_or(|t| now.saturating_duration_since(t) >= TICK)
         {
             self.last_tick = Some(now);
             for (room, d) in self.detectors.iter_mut() {
@@ -461,10 +511,12 @@ impl Worker {
                 initial_done: false,
                 published: None,
                 opus_pt: None,
-                downtracks: HashMap::new(),
+                downtracks: FastMap::default(),
                 stale: Vec::new(),
                 pending_offer: None,
                 next_timeout: now,
+                queued: Some(now),
+                dirty: false,
                 disconnected_since: None,
             },
         );
@@ -732,6 +784,7 @@ impl Worker {
         let mut newly_published = false;
         // (is chat, binary, bytes) frames received on data channels during this poll.
         let mut channel_frames: Vec<(bool, bool, Vec<u8>)> = Vec::new();
+        let mut inline_timeouts = 0;
         loop {
             let Some(p) = self.participants.get_mut(&id) else {
                 return;
@@ -744,9 +797,25 @@ impl Worker {
                 Err(_) => return self.fail(id, "internal error in media session"),
             };
             match out {
+                Output::Timeout(t) if t <= now && inline_timeouts < MAX_INLINE_TIMEOUTS => {
+                    // str0m wants time handled before it will send what was just
+                    // written (and again after sending, for its pacer). Doing it here
+                    // saves a trip through the timer heap and the node's loop for every
+                    // forwarded packet.
+                    inline_timeouts += 1;
+                    let r =
+                        catch_unwind(AssertUnwindSafe(|| p.rtc.handle_input(Input::Timeout(now))));
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.fail(id, &format!("media session error: {e}")),
+                        Err(_) => return self.fail(id, "internal error in media session"),
+                    }
+                }
                 Output::Timeout(t) => {
-                    if t != p.next_timeout {
-                        p.next_timeout = t;
+                    p.next_timeout = t;
+                    p.dirty = false;
+                    if p.queued.is_none_or(|q| t < q) {
+                        p.queued = Some(t);
                         self.timers.push(Reverse((t, id)));
                     }
                     break;
@@ -926,7 +995,6 @@ impl Worker {
         let mut targets = std::mem::take(&mut self.scratch);
         targets.clear();
         targets.extend(members.iter().copied().filter(|m| *m != from));
-        // Each subscriber is driven right after its write so str0m sends at once.
         for &sid in &targets {
             let Some(s) = self.participants.get_mut(&sid) else {
                 continue;
@@ -974,7 +1042,10 @@ impl Worker {
             match wrote {
                 Ok(true) => {
                     self.stats.packets_forwarded += 1;
-                    self.drive(sid, now);
+                    if !s.dirty {
+                        s.dirty = true;
+                        self.dirty.push(sid);
+                    }
                 }
                 Ok(false) => {}
                 Err(_) => self.fail(sid, "internal error forwarding audio"),
