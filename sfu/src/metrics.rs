@@ -136,7 +136,7 @@ impl SfuMetrics {
         let h = "chorus_sfu_forward_seconds";
         let _ = writeln!(
             out,
-            "# HELP {h} Time from reading a datagram to having sent all it was forwarded as.\n# TYPE {h} histogram"
+            "# HELP {h} Time from the kernel receiving a datagram to having sent all it was forwarded as.\n# TYPE {h} histogram"
         );
         for (le, c) in self.forward_time.cumulative() {
             match le {

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::metrics::SfuMetrics;
-use crate::udp::{recv_batch, send_batch, RecvBatch, BATCH};
+use crate::udp::{enable_rx_timestamps, recv_batch, send_batch, RecvBatch, BATCH};
 use crate::worker::{Worker, WorkerConfig, WorkerStats};
 
 #[derive(Debug, Clone)]
@@ -158,13 +158,16 @@ async fn run_worker(
         Ok(s) => s,
         Err(e) => return error!("worker socket: {e}"),
     };
+    if let Err(e) = enable_rx_timestamps(&io) {
+        warn!("no receive timestamps; forwarding time excludes socket queueing: {e}");
+    }
     let socket = match tokio::net::UdpSocket::from_std(socket) {
         Ok(s) => s,
         Err(e) => return error!("worker socket: {e}"),
     };
     let mut batch = RecvBatch::default();
     let mut out: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-    // Receive times of the datagrams in this round that forwarded audio.
+    // Kernel arrival times of the datagrams in this round that forwarded audio.
     let mut forwarded_at: Vec<Instant> = Vec::new();
     let mut seen = WorkerStats::default();
     loop {
@@ -191,11 +194,11 @@ async fn run_worker(
                         Ok(n) => {
                             let now = Instant::now();
                             metrics.datagrams_received.fetch_add(n as u64, Ordering::Relaxed);
-                            for (src, data) in batch.iter() {
+                            for (src, data, arrived) in batch.iter() {
                                 let before = worker.stats().packets_forwarded;
                                 worker.handle_datagram(now, src, data);
                                 if worker.stats().packets_forwarded != before {
-                                    forwarded_at.push(now);
+                                    forwarded_at.push(arrived.unwrap_or(now));
                                 }
                             }
                             if n < BATCH {

@@ -9,9 +9,14 @@
 //!
 //! Both functions are non-blocking and report `WouldBlock` like the std calls, so the
 //! shell can use them inside `tokio::net::UdpSocket::try_io`.
+//!
+//! With [`enable_rx_timestamps`] each received datagram carries the time the kernel
+//! queued it, so the node's forwarding-time metric covers the wait in the socket
+//! queue too, not only the worker's own processing.
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 /// Datagrams moved per system call.
 pub const BATCH: usize = 32;
@@ -23,28 +28,41 @@ pub const MAX_DATAGRAM: usize = 2048;
 /// Buffers for one batch of received datagrams, allocated once per worker.
 pub struct RecvBatch {
     bufs: Box<[[u8; MAX_DATAGRAM]; BATCH]>,
-    meta: [(usize, Option<SocketAddr>); BATCH],
+    meta: [Meta; BATCH],
     count: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Meta {
+    len: usize,
+    source: Option<SocketAddr>,
+    /// When the kernel queued it (with timestamps on), else when it was read.
+    arrived: Option<Instant>,
 }
 
 impl Default for RecvBatch {
     fn default() -> Self {
         RecvBatch {
             bufs: Box::new([[0; MAX_DATAGRAM]; BATCH]),
-            meta: [(0, None); BATCH],
+            meta: [Meta {
+                len: 0,
+                source: None,
+                arrived: None,
+            }; BATCH],
             count: 0,
         }
     }
 }
 
 impl RecvBatch {
-    /// The datagrams of the last successful [`recv_batch`], with their sources.
+    /// The datagrams of the last successful [`recv_batch`]: source, bytes, and when
+    /// the kernel received it (the read time when the socket has no timestamps).
     /// Datagrams from an address family we do not speak are skipped.
-    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8], Option<Instant>)> + '_ {
         self.meta[..self.count]
             .iter()
             .zip(self.bufs.iter())
-            .filter_map(|((len, src), buf)| Some(((*src)?, &buf[..*len])))
+            .filter_map(|(m, buf)| Some((m.source?, &buf[..m.len], m.arrived)))
     }
 
     pub fn len(&self) -> usize {
@@ -77,19 +95,49 @@ pub fn send_batch<T: AsRef<[u8]>>(
     sys::send_batch(socket, &items[..items.len().min(BATCH)])
 }
 
+/// Asks the kernel to stamp each received datagram with its arrival time
+/// (`SO_TIMESTAMPNS`). Best effort: without it datagrams count from when they were read.
+pub fn enable_rx_timestamps(socket: &std::net::UdpSocket) -> io::Result<()> {
+    sys::enable_rx_timestamps(socket)
+}
+
 #[cfg(target_os = "linux")]
 mod sys {
-    use super::{RecvBatch, BATCH, MAX_DATAGRAM};
+    use super::{Meta, RecvBatch, BATCH, MAX_DATAGRAM};
     use std::io;
     use std::mem::{size_of, zeroed};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    /// Control-message space per datagram: one `SCM_TIMESTAMPNS` (a timespec) fits in
+    /// 32 bytes; u64 elements keep it aligned for `cmsghdr`.
+    const CMSG_WORDS: usize = 8;
+
+    pub fn enable_rx_timestamps(socket: &std::net::UdpSocket) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, option value pointer and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 
     pub fn recv_batch(socket: &std::net::UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
         // SAFETY: all-zero is a valid value for these plain C structs.
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        let mut cmsgs = [[0u64; CMSG_WORDS]; BATCH];
         for (i, buf) in batch.bufs.iter_mut().enumerate() {
             iov[i] = libc::iovec {
                 iov_base: buf.as_mut_ptr().cast(),
@@ -100,6 +148,8 @@ mod sys {
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut iov[i];
             h.msg_iovlen = 1;
+            h.msg_control = cmsgs[i].as_mut_ptr().cast();
+            h.msg_controllen = CMSG_WORDS * 8;
         }
         // SAFETY: every header points at live, correctly sized buffers above (and into
         // `batch`, borrowed mutably for the call); the kernel writes at most
@@ -117,12 +167,38 @@ mod sys {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
+        // Kernel stamps are wall-clock; map them onto the monotonic clock by age.
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let wall = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
         for i in 0..n {
             let m = &msgs[i];
-            let len = (m.msg_len as usize).min(MAX_DATAGRAM);
-            batch.meta[i] = (len, from_sockaddr(&names[i]));
+            let arrived = rx_timestamp(&m.msg_hdr)
+                .map(|t| mono.checked_sub(wall.saturating_sub(t)).unwrap_or(mono))
+                .unwrap_or(mono);
+            batch.meta[i] = Meta {
+                len: (m.msg_len as usize).min(MAX_DATAGRAM),
+                source: from_sockaddr(&names[i]),
+                arrived: Some(arrived),
+            };
         }
         Ok(n)
+    }
+
+    /// The `SCM_TIMESTAMPNS` of a received message, as time since the epoch.
+    fn rx_timestamp(h: &libc::msghdr) -> Option<Duration> {
+        // SAFETY: `h` is a header the kernel filled in, its control buffer is live and
+        // `msg_controllen` says how much of it is valid; the CMSG_* macros stay within it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                    return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
     }
 
     pub fn send_batch<T: AsRef<[u8]>>(
@@ -225,16 +301,28 @@ mod sys {
 
 #[cfg(not(target_os = "linux"))]
 mod sys {
-    use super::{RecvBatch, BATCH};
+    use super::{Meta, RecvBatch, BATCH};
     use std::io;
     use std::net::SocketAddr;
+    use std::time::Instant;
+
+    pub fn enable_rx_timestamps(_socket: &std::net::UdpSocket) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "receive timestamps are only used on Linux",
+        ))
+    }
 
     pub fn recv_batch(socket: &std::net::UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
         let mut n = 0;
         while n < BATCH {
             match socket.recv_from(&mut batch.bufs[n]) {
                 Ok((len, src)) => {
-                    batch.meta[n] = (len, Some(src));
+                    batch.meta[n] = Meta {
+                        len,
+                        source: Some(src),
+                        arrived: Some(Instant::now()),
+                    };
                     n += 1;
                 }
                 Err(e) if n == 0 => return Err(e),
@@ -276,6 +364,10 @@ mod tests {
     #[test]
     fn a_batch_goes_out_and_comes_back_in_order() {
         let (a, b) = pair();
+        if cfg!(target_os = "linux") {
+            enable_rx_timestamps(&b).unwrap();
+        }
+        let sent_at = Instant::now();
         let dest = b.local_addr().unwrap();
         let items: Vec<(SocketAddr, Vec<u8>)> = (0..40u8)
             .map(|i| (dest, vec![i; 10 + i as usize]))
@@ -291,8 +383,15 @@ mod tests {
             match recv_batch(&b, &mut batch) {
                 Ok(n) => {
                     assert!(n <= BATCH);
-                    for (src, data) in batch.iter() {
+                    for (src, data, arrived) in batch.iter() {
                         assert_eq!(src, a.local_addr().unwrap());
+                        // Stamped by the kernel when it arrived, ~50 ms before this
+                        // read (the sleep above), not when it was read.
+                        let age = arrived.unwrap().elapsed();
+                        if cfg!(target_os = "linux") {
+                            assert!(age >= std::time::Duration::from_millis(40), "{age:?}");
+                        }
+                        assert!(age < std::time::Duration::from_secs(5), "{age:?}");
                         got.push(data.to_vec());
                     }
                 }
@@ -302,6 +401,7 @@ mod tests {
         }
         let want: Vec<Vec<u8>> = items.into_iter().map(|(_, d)| d).collect();
         assert_eq!(got, want);
+        assert!(sent_at.elapsed() >= std::time::Duration::from_millis(50));
     }
 
     #[test]
@@ -324,7 +424,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut batch = RecvBatch::default();
         assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
-        let (src, data) = batch.iter().next().unwrap();
+        let (src, data, _) = batch.iter().next().unwrap();
         assert_eq!(src, a.local_addr().unwrap());
         assert_eq!(data, b"hi");
     }
