@@ -13,6 +13,14 @@ pub fn is_stun(buf: &[u8]) -> bool {
     buf.len() >= 20 && buf[0] < 4 && buf[4..8] == MAGIC_COOKIE
 }
 
+/// True if the datagram is (S)RTP media rather than RTCP, STUN or DTLS (RFC 7983: first
+/// byte 128..=191; RFC 5761: RTCP packet types 192..=223 in the second byte). The
+/// node may shed these under overload: audio is useless once late, while the rest
+/// carries connection state and chat.
+pub fn is_rtp_media(buf: &[u8]) -> bool {
+    buf.len() >= 12 && (128..=191).contains(&buf[0]) && !(192..=223).contains(&buf[1])
+}
+
 /// The local (our) ufrag from a STUN message's USERNAME attribute, if present and sane.
 /// Returns `None` for anything malformed; never panics on hostile input.
 pub fn stun_local_ufrag(buf: &[u8]) -> Option<&str> {
@@ -41,6 +49,29 @@ pub fn stun_local_ufrag(buf: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtp_media_is_told_from_rtcp_stun_and_dtls() {
+        let mut rtp = vec![0x80u8, 111, 0, 1];
+        rtp.resize(40, 0);
+        assert!(is_rtp_media(&rtp));
+        let mut marker = rtp.clone();
+        marker[1] = 0x80 | 111; // marker bit set, PT 111
+        assert!(is_rtp_media(&marker));
+        for rtcp_pt in [200u8, 201, 205, 206] {
+            let mut rtcp = rtp.clone();
+            rtcp[1] = rtcp_pt;
+            assert!(!is_rtp_media(&rtcp), "RTCP {rtcp_pt}");
+        }
+        let mut dtls = rtp.clone();
+        dtls[0] = 22; // handshake record
+        assert!(!is_rtp_media(&dtls));
+        let mut stun = rtp.clone();
+        stun[0] = 0;
+        assert!(!is_rtp_media(&stun));
+        assert!(!is_rtp_media(&rtp[..8]));
+        assert!(!is_rtp_media(&[]));
+    }
 
     fn stun_with_username(user: &[u8]) -> Vec<u8> {
         let mut attrs = Vec::new();

@@ -62,11 +62,14 @@ pub struct SfuMetrics {
     pub datagrams_sent: AtomicU64,
     pub datagrams_dropped: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Audio datagrams dropped unprocessed because they waited too long in the
+    /// socket queue (the worker is overloaded).
+    pub datagrams_shed: AtomicU64,
     /// RTP packets received from publishers.
     pub rtp_received: AtomicU64,
     /// RTP packets sent to subscribers (one per subscriber per forwarded packet).
     pub rtp_forwarded: AtomicU64,
-    /// Time from taking a datagram off the socket to having sent everything it caused,
+    /// Time from the kernel receiving a datagram to having sent everything it caused,
     /// for datagrams that were forwarded to at least one subscriber.
     pub forward_time: Histogram,
     /// Per worker: room → participants.
@@ -95,7 +98,7 @@ impl SfuMetrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 7] = [
             (
                 "chorus_sfu_datagrams_received_total",
                 "UDP datagrams read from the media sockets.",
@@ -110,6 +113,11 @@ impl SfuMetrics {
                 "chorus_sfu_datagrams_dropped_total",
                 "Datagrams from unknown sources or unparseable.",
                 g(&self.datagrams_dropped),
+            ),
+            (
+                "chorus_sfu_datagrams_shed_total",
+                "Audio datagrams dropped unread after waiting too long in the socket queue (overload).",
+                g(&self.datagrams_shed),
             ),
             (
                 "chorus_sfu_send_errors_total",
