@@ -117,11 +117,17 @@ impl Participant {
 
     fn send(&self, msg: ServerMessage) {
         if let Some(s) = &self.session {
-            if s.tx.try_send(Outbound::Msg(msg)).is_err() {
-                warn!(
+            match s.tx.try_send(Outbound::Msg(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => warn!(
                     participant = self.id,
-                    "client queue full or closed; message dropped"
-                );
+                    "client is not reading its socket (queue full); message dropped"
+                ),
+                // The socket just went away (a leave or a drop racing this broadcast);
+                // the seat is being removed or waits for a resume. Nothing to report.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    debug!(participant = self.id, "message to a closed session dropped")
+                }
             }
         }
     }
@@ -174,10 +180,10 @@ pub struct Hub {
     chat: Arc<dyn ChatStore>,
 }
 
-/// A successful join: the seat's id and the `joined` message to send.
+/// A successful join: the seat's id. The `joined` message is already queued on the
+/// session (see [`Hub::join`]).
 pub struct Joined {
     pub participant: u64,
-    pub message: ServerMessage,
 }
 
 pub type HubError = (ErrorCode, String);
@@ -253,6 +259,11 @@ impl Hub {
         conn: u64,
         tx: SessionTx,
     ) -> Result<Joined, HubError> {
+        // `joined` must be the first message the session sees. It is queued while the
+        // hub lock is held: queued after unlocking, another member's join could
+        // broadcast `participant_joined` to this session first (seen in a 300-person
+        // load test: the client rejected the join).
+        let first = tx.clone();
         let mut st = self.lock();
         let existing = st
             .rooms
@@ -282,10 +293,8 @@ impl Hub {
                 p.grants = claims.grants;
                 info!(participant = id, room = %claims.room, identity = %claims.sub, "seat resumed");
                 let message = joined_message(&st, &self.config, id, true);
-                return Ok(Joined {
-                    participant: id,
-                    message,
-                });
+                let _ = first.try_send(Outbound::Msg(message));
+                return Ok(Joined { participant: id });
             }
             if let Some(p) = st.participants.get(&id) {
                 if let Some(s) = &p.session {
@@ -358,10 +367,8 @@ impl Hub {
         );
         info!(participant = id, room = %claims.room, identity = %claims.sub, node = %node, "joined");
         let message = joined_message(&st, &self.config, id, false);
-        Ok(Joined {
-            participant: id,
-            message,
-        })
+        let _ = first.try_send(Outbound::Msg(message));
+        Ok(Joined { participant: id })
     }
 
     /// Relays a client's SDP/ICE to the participant's node. Returns an error for the
@@ -1139,6 +1146,42 @@ mod chat_tests {
                 }
             }
             out
+        }
+    }
+
+    #[test]
+    fn joined_is_the_first_message_of_every_session_even_when_joins_race() {
+        let f = fixture();
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let hub = f.hub.clone();
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|i| {
+                            let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+                            let who = format!("u{t}-{i}");
+                            hub.join(
+                                &claims(&who, Grants::default_participant()),
+                                false,
+                                (t * 100 + i) as u64,
+                                tx,
+                            )
+                            .unwrap();
+                            rx
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for th in threads {
+            for mut rx in th.join().unwrap() {
+                match rx.try_recv() {
+                    Ok(Outbound::Msg(ServerMessage::Joined { .. })) => {}
+                    Ok(Outbound::Msg(other)) => panic!("first message was {other:?}"),
+                    Ok(_) => panic!("first message was not a message"),
+                    Err(e) => panic!("no message: {e}"),
+                }
+            }
         }
     }
 

@@ -223,10 +223,8 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                     break;
                 }
                 match hub.join(&claims, resume, conn, tx.clone()) {
-                    Ok(j) => {
-                        joined = Some(j.participant);
-                        send(j.message);
-                    }
+                    // The hub queued `joined` on this session.
+                    Ok(j) => joined = Some(j.participant),
                     Err((code, message)) => {
                         error(code, &message);
                         let _ = tx.try_send(Outbound::Close(4004, code.as_str().into()));
