@@ -95,6 +95,8 @@ pub struct JitterStats {
     pub underruns: u64,
     /// Frames skipped to bring the delay back down.
     pub skipped: u64,
+    /// Talkspurts after a silence pause that re-started playout with the target delay.
+    pub talkspurts: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +113,8 @@ pub struct JitterBuffer {
     /// Next sequence number to play; `None` until playout starts.
     next: Option<u64>,
     highest: Option<u64>,
+    /// RTP timestamp of the packet at `highest`.
+    highest_ts: u32,
     first_arrival: Option<Instant>,
     last_arrival: Option<(Instant, u32)>,
     jitter_ms: f64,
@@ -133,6 +137,7 @@ impl JitterBuffer {
             unwrapper: SeqUnwrapper::default(),
             next: None,
             highest: None,
+            highest_ts: 0,
             first_arrival: None,
             last_arrival: None,
             jitter_ms: 0.0,
@@ -200,7 +205,7 @@ impl JitterBuffer {
             self.restart();
             self.unwrapper = SeqUnwrapper::default();
             let ext = self.unwrapper.unwrap(seq);
-            self.store(ext, payload, now);
+            self.store(ext, ts, payload, now);
             self.stats.restarts += 1;
             return PushOutcome::Restarted;
         }
@@ -208,17 +213,50 @@ impl JitterBuffer {
             self.stats.late += 1;
             return PushOutcome::Late;
         }
-        self.store(ext, payload, now);
+        if self.is_talkspurt_start(ext, ts) {
+            // The sender paused (Opus DTX, a gate, push-to-talk) and starts again:
+            // the next sequence number but a timestamp that moved on by more than a
+            // frame. The buffer ran dry during the pause, so playing this at the next
+            // pop would start the talkspurt with no margin for jitter and underrun
+            // on its second packet. Start playout over instead: wait the target delay.
+            self.resync_playout();
+            self.stats.talkspurts += 1;
+        }
+        self.store(ext, ts, payload, now);
         self.stats.buffered += 1;
         PushOutcome::Buffered
     }
 
-    fn store(&mut self, ext: u64, payload: &[u8], now: Instant) {
+    /// `ext` continues the sequence but its timestamp skipped ahead, while nothing is
+    /// left to play: a new talkspurt after a pause shorter than the idle threshold.
+    fn is_talkspurt_start(&self, ext: u64, ts: u32) -> bool {
+        let frame_ticks = self.config.frame.as_secs_f64() * TICKS_PER_MS * 1000.0;
+        self.next.is_some()
+            && self.depth() == 0
+            && self.highest.is_some_and(|h| ext == h + 1)
+            && f64::from(ts.wrapping_sub(self.highest_ts) as i32) > 1.5 * frame_ticks
+    }
+
+    /// Forgets what was played and waits for the target delay again, keeping
+    /// `highest` so stragglers from before are still recognised as late.
+    fn resync_playout(&mut self) {
+        self.next = None;
+        self.first_arrival = None;
+        self.empty_pops = 0;
+        for s in &mut self.slots {
+            s.seq = None;
+        }
+    }
+
+    fn store(&mut self, ext: u64, ts: u32, payload: &[u8], now: Instant) {
         let cap = self.slots.len() as u64;
         let slot = &mut self.slots[(ext % cap) as usize];
         slot.seq = Some(ext);
         slot.payload.clear();
         slot.payload.extend_from_slice(payload);
+        if self.highest.is_none_or(|h| ext >= h) {
+            self.highest_ts = ts;
+        }
         self.highest = Some(self.highest.map_or(ext, |h| h.max(ext)));
         if self.first_arrival.is_none() {
             self.first_arrival = Some(now);
@@ -287,12 +325,7 @@ impl JitterBuffer {
         if depth == 0 {
             self.empty_pops += 1;
             if self.empty_pops >= self.config.idle_after {
-                // Keep `highest` so a late straggler is still recognised as late.
-                self.next = None;
-                self.first_arrival = None;
-                for s in &mut self.slots {
-                    s.seq = None;
-                }
+                self.resync_playout();
                 return None;
             }
             self.stats.underruns += 1;
@@ -558,6 +591,58 @@ mod tests {
         // And the buffer shed the extra delay once calm: it skipped frames.
         assert!(jb.stats().skipped > 0);
         assert!(jb.depth() <= 3, "depth at end {}", jb.depth());
+    }
+
+    #[test]
+    fn a_talkspurt_after_a_short_pause_waits_the_target_delay_again() {
+        // 20 ms packets, then a 100 ms DTX pause (sequence continues, timestamps jump
+        // by 6 frames), then talking again. Packet `seq` arrives 5 ms into its slot.
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let target = jb.target_delay();
+        let mut arrivals: Vec<(u16, u32, u32)> = (0..5u16)
+            .map(|s| (s, u32::from(s) * 960, 5 + 20 * u32::from(s)))
+            .collect();
+        // seq 5 carries frame 10 (timestamps skipped frames 5..=9), arriving at 205 ms.
+        arrivals
+            .extend((5..25u16).map(|s| (s, (u32::from(s) + 5) * 960, 5 + 20 * (u32::from(s) + 5))));
+        let mut played_at = Vec::new();
+        let mut next = 0;
+        for k in 1..35u32 {
+            let now_ms = 20 * k;
+            while next < arrivals.len() && arrivals[next].2 <= now_ms {
+                let (seq, ts, at) = arrivals[next];
+                jb.push(seq, ts, &[seq as u8], t0 + MS * at);
+                next += 1;
+            }
+            if let Some(P::Pkt(b)) = tag(jb.pop(t0 + MS * now_ms)) {
+                played_at.push((b, now_ms));
+            }
+        }
+        let before: Vec<u8> = played_at
+            .iter()
+            .map(|(b, _)| *b)
+            .filter(|b| *b < 5)
+            .collect();
+        assert_eq!(before, vec![0, 1, 2, 3, 4], "{played_at:?}");
+        let first = played_at
+            .iter()
+            .find(|(b, _)| *b == 5)
+            .expect("talkspurt played");
+        // Arrived at 205 ms; without the resync it played at the very next pop (220).
+        let waited = Duration::from_millis(u64::from(first.1 - 205));
+        assert!(
+            waited >= target,
+            "talkspurt waited {waited:?}, target {target:?}: {played_at:?}"
+        );
+        assert_eq!(jb.stats().talkspurts, 1);
+        // And it plays on without gaps.
+        let after: Vec<u8> = played_at
+            .iter()
+            .map(|(b, _)| *b)
+            .filter(|b| *b >= 5)
+            .collect();
+        assert_eq!(after, (5..after.len() as u8 + 5).collect::<Vec<_>>());
     }
 
     #[test]
