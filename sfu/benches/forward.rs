@@ -23,17 +23,23 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+/// Bytes currently allocated (for the memory-per-participant figure).
+static LIVE: AtomicU64 = AtomicU64::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(l.size() as u64, Ordering::Relaxed);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(n as u64, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -351,6 +357,35 @@ fn round(c: &mut Criterion) {
     g.finish();
 }
 
+/// Heap held by the worker per participant: a room of 5 everyone talking, after
+/// 2 s of audio (str0m's buffers and stats warmed up). Printed, not timed.
+fn memory(_c: &mut Criterion) {
+    let live0 = LIVE.load(Ordering::Relaxed);
+    let mut room = Room::with_publishers(5, 5);
+    for seq in 10..110u64 {
+        let per_pub: Vec<Vec<Vec<u8>>> = (0..5)
+            .map(|k| room.publisher_datagrams(k, 1, seq))
+            .collect();
+        let addrs: Vec<SocketAddr> = room.peers.iter().map(|p| p.addr).collect();
+        for (k, d) in per_pub.iter().enumerate() {
+            room.worker.handle_datagram(room.now, addrs[k], &d[0]);
+        }
+        room.worker.take_transmits().count();
+        room.run(Duration::from_millis(20));
+    }
+    let with_clients = LIVE.load(Ordering::Relaxed) - live0;
+    // The simulated clients' own sessions are in the same heap: measure them apart.
+    let clients: Vec<Rtc> = room.peers.drain(..).map(|p| p.rtc).collect();
+    let before_drop = LIVE.load(Ordering::Relaxed);
+    drop(clients);
+    let client_bytes = before_drop - LIVE.load(Ordering::Relaxed);
+    eprintln!(
+        "  memory: worker heap {:.1} KB per participant (room of 5 talking; clients' {:.1} KB each excluded)",
+        (with_clients - client_bytes) as f64 / 5.0 / 1024.0,
+        client_bytes as f64 / 5.0 / 1024.0
+    );
+}
+
 fn demux(c: &mut Criterion) {
     let room = Room::new(20);
     let mut worker = room.worker;
@@ -375,5 +410,5 @@ fn speaker(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, forward, round, demux, speaker);
+criterion_group!(benches, forward, round, memory, demux, speaker);
 criterion_main!(benches);
