@@ -329,6 +329,14 @@ async fn malformed_input_gets_errors_while_others_keep_being_served() {
     .await
     .unwrap();
     expect_error(&mut c, ErrorCode::InvalidSdp).await;
+    // A 40 KiB message (over the socket's 8 KiB initial read buffer, under the
+    // limit) arrives whole: it is answered as the bad SDP it is.
+    c.send(&ClientMessage::Offer {
+        sdp: format!("v=0\r\n{}", "a=x-filler\r\n".repeat(3500)),
+    })
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::InvalidSdp).await;
     c.send(&ClientMessage::Answer {
         sdp: "v=0\r\n".into(),
     })
