@@ -18,3 +18,22 @@ run rooms-20x5 --rooms 2 --participants 3
 # 8 > 6 participants: speaker selection is on; all 5 (town hall) or 3 speakers forwarded.
 run town-hall --participants 8 --speakers 5
 run big-channel --participants 8 --speakers 3
+# The Janus comparison (about 16 s): the same tiny load against chorus dev, then Janus.
+# Janus never gathers ICE candidates on a loopback interface, so the run happens in a
+# private network namespace with a veth address for Janus: every packet stays in it.
+if ! command -v janus >/dev/null; then
+  echo "==> loadgen smoke: Janus comparison skipped (janus not installed: apt-get install janus)"
+else
+  echo "==> loadgen smoke: rooms-20x5 --compare-janus (private network namespace)"
+  unshare -n sh -c '
+    set -e
+    ip link set lo up
+    ip link add v0 type veth peer name v1
+    ip addr add 10.99.0.1/32 dev v0
+    ip link set v1 up
+    ip link set v0 up
+    exec "$1" --scenario benches/scenarios/rooms-20x5.toml --server-bin "$2" \
+      --duration 3s --ramp 1s --check --rooms 1 --participants 3 \
+      --compare-janus --janus-ip 10.99.0.1
+  ' sh "$LG" "$BIN/chorus"
+fi

@@ -9,6 +9,7 @@ need_pkgs=()
 command -v chromium >/dev/null || need_pkgs+=(chromium)
 command -v sox >/dev/null || need_pkgs+=(sox)
 command -v turnutils_uclient >/dev/null || need_pkgs+=(coturn)
+command -v janus >/dev/null || need_pkgs+=(janus)            # load generator: peer comparison
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v node >/dev/null || need_pkgs+=(nodejs)
@@ -37,9 +38,12 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
 fi
 # coturn's package starts a turnserver on install on some systems; our tests never use it.
-if command -v systemctl >/dev/null && systemctl is-active --quiet coturn 2>/dev/null; then
-  systemctl stop coturn || true
-fi
+# Same for janus: the comparison starts its own with a private configuration.
+for svc in coturn janus; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
 
 # One build profile for everything (release): the browser tests need a fast SFU and
 # building twice would double CI time.

@@ -5,7 +5,10 @@
 //!
 //! By default it starts a fresh `chorus dev` for the run (so the server's CPU and RSS
 //! can be read from `/proc`); `--url` points it at a running server instead.
+//! `--server janus` runs the same load against a fresh Janus (VideoRoom, audio only),
+//! and `--compare-janus` runs both, one after the other, and compares them.
 
+mod janus;
 mod peer;
 mod stats;
 
@@ -21,7 +24,7 @@ use anyhow::{anyhow, bail, Context};
 use chorus_media_core::level::dbov_level;
 use chorus_media_core::opus::{EncoderConfig, OpusEncoder, MAX_PACKET};
 use chorus_protocol::client::Grants;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use peer::{Clip, PeerSpec, Talk};
@@ -106,10 +109,54 @@ struct Args {
     /// no participant failed and nothing was lost. For smoke runs in CI.
     #[arg(long)]
     check: bool,
+    /// The server to load: a fresh `chorus dev`, or a fresh Janus (VideoRoom plugin,
+    /// audio only, WebSocket API on loopback). With --url, a running one of that kind.
+    #[arg(long, value_enum, default_value_t = ServerKind::Chorus)]
+    server: ServerKind,
+    /// Run the scenario against a fresh `chorus dev`, then the same load against a
+    /// fresh Janus, and compare server CPU per forwarded packet.
+    #[arg(long, conflicts_with_all = ["url", "server"])]
+    compare_janus: bool,
+    /// The Janus binary to start (name on PATH or a path).
+    #[arg(long, default_value = "janus")]
+    janus_bin: String,
+    /// Janus's `event_loops` setting: 0 (Janus's default) runs one thread per
+    /// PeerConnection, N shares N threads among all of them.
+    #[arg(long, default_value_t = 0)]
+    janus_event_loops: usize,
+    /// Janus's log level, 0–7 (2: errors only; above 4 logging costs measurable CPU).
+    #[arg(long, default_value_t = 2)]
+    janus_debug_level: u8,
+    /// Keep Janus's output in this file.
+    #[arg(long)]
+    janus_log: Option<PathBuf>,
+    /// The local, non-loopback IPv4 address Janus and its peers use for media
+    /// (default: this machine's own address). Janus never gathers on loopback; in a
+    /// network namespace with only `lo`, add a dummy interface and pass its address.
+    #[arg(long)]
+    janus_ip: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum ServerKind {
+    Chorus,
+    Janus,
+}
+
+impl ServerKind {
+    /// What the "server:" line says before the URL.
+    fn label_prefix(self) -> &'static str {
+        match self {
+            ServerKind::Chorus => "",
+            ServerKind::Janus => "Janus ",
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    server: ServerKind,
     scenario: String,
     rooms: usize,
     participants: usize,
@@ -127,8 +174,10 @@ struct Report {
     /// Packets that arrived more than ~10 s after they were sent (overload).
     delay_over_10s: u64,
     mean_jitter_ms: f64,
-    /// From the SFU's metrics.
+    /// From the SFU's metrics (Chorus), or what the subscribers received (Janus has
+    /// no counter to read): see `forwarded_source`.
     forwarded_pps: Option<f64>,
+    forwarded_source: &'static str,
     sfu_forward_ms_p50: Option<f64>,
     sfu_forward_ms_p99: Option<f64>,
     /// From /proc of the server process (whole `chorus dev`: signaling + SFU).
@@ -136,6 +185,9 @@ struct Report {
     server_cpu_us_per_forwarded_packet: Option<f64>,
     /// The kernel's share of it (system time: socket calls).
     server_sys_us_per_forwarded_packet: Option<f64>,
+    /// The same per packet the subscribers received: one basis for every server.
+    server_cpu_us_per_received_packet: Option<f64>,
+    server_sys_us_per_received_packet: Option<f64>,
     server_rss_idle_mb: Option<f64>,
     server_rss_loaded_mb: Option<f64>,
     server_rss_kb_per_participant: Option<f64>,
@@ -358,6 +410,43 @@ fn parse_talk(s: Option<&str>) -> anyhow::Result<Talk> {
     }
 }
 
+/// Who is in which room and who talks: participant `i` joins room `i % rooms`, and the
+/// first `speakers` joiners of each room talk. The same for every server.
+struct Plan {
+    /// Per participant: room index and publisher index (when talking).
+    members: Vec<(usize, Option<u32>)>,
+    /// Room name → publisher indices of its speakers.
+    room_speakers: HashMap<String, Vec<u32>>,
+}
+
+fn room_name(sc: &Scenario, r: usize) -> String {
+    format!("{}-{r}", sc.name)
+}
+
+fn plan(sc: &Scenario) -> Plan {
+    let total = sc.rooms * sc.participants_per_room;
+    let mut members = Vec::with_capacity(total);
+    let mut room_speakers: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut next_pub = 0u32;
+    for i in 0..total {
+        let r = i % sc.rooms;
+        let k = i / sc.rooms;
+        let publisher = if k < sc.speakers_per_room {
+            let p = next_pub;
+            next_pub += 1;
+            room_speakers.entry(room_name(sc, r)).or_default().push(p);
+            Some(p)
+        } else {
+            None
+        };
+        members.push((r, publisher));
+    }
+    Plan {
+        members,
+        room_speakers,
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(&args.scenario)
         .with_context(|| format!("reading {}", args.scenario.display()))?;
@@ -372,34 +461,127 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     sc.duration = args.duration.unwrap_or(sc.duration);
     sc.ramp = args.ramp.unwrap_or(sc.ramp);
     let talk = parse_talk(sc.talk.as_deref())?;
-    let total = sc.rooms * sc.participants_per_room;
 
     let audio = args.audio.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../media-core/fixtures/speech.wav")
     });
     let clip = Arc::new(load_clip(&audio)?);
 
-    let server = match &args.url {
-        Some(_) => None,
-        None => {
+    if !args.compare_janus {
+        let (report, errors) = run_one(&args, &sc, args.server, &clip, talk).await?;
+        print_summary(&report);
+        write_report(args.report.as_deref(), &report)?;
+        return Ok(check(&args, &errors));
+    }
+
+    let (chorus, chorus_errors) = run_one(&args, &sc, ServerKind::Chorus, &clip, talk).await?;
+    print_summary(&chorus);
+    // Let the machine settle (the Chorus server and the peers' sockets are gone).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (janus, janus_errors) = run_one(&args, &sc, ServerKind::Janus, &clip, talk).await?;
+    print_summary(&janus);
+    let comparison = Comparison::new(chorus, janus);
+    comparison.print();
+    write_report(args.report.as_deref(), &comparison)?;
+    let errors: Vec<String> = chorus_errors
+        .iter()
+        .map(|e| format!("chorus: {e}"))
+        .chain(janus_errors.iter().map(|e| format!("janus: {e}")))
+        .collect();
+    Ok(check(&args, &errors))
+}
+
+fn write_report<T: Serialize>(dest: Option<&str>, report: &T) -> anyhow::Result<()> {
+    let Some(dest) = dest else { return Ok(()) };
+    let json = serde_json::to_string_pretty(report)?;
+    if dest == "-" {
+        println!("{json}");
+    } else {
+        std::fs::write(dest, json).with_context(|| format!("writing {dest}"))?;
+    }
+    Ok(())
+}
+
+/// With --check, false (exit 1) when the run had problems.
+fn check(args: &Args, errors: &[String]) -> bool {
+    if args.check && !errors.is_empty() {
+        eprintln!("check failed: {} problems", errors.len());
+        for e in errors.iter().take(20) {
+            eprintln!("  {e}");
+        }
+        return false;
+    }
+    true
+}
+
+/// The server process a run started (killed when dropped).
+enum Started {
+    Chorus(Server),
+    Janus(janus::JanusServer),
+}
+
+impl Started {
+    fn pid(&self) -> u32 {
+        match self {
+            Started::Chorus(s) => s.child.id(),
+            Started::Janus(s) => s.pid(),
+        }
+    }
+}
+
+/// One run of the scenario against one server: start it (unless --url), join
+/// everyone, measure, leave. Returns the report and the consistency problems.
+async fn run_one(
+    args: &Args,
+    sc: &Scenario,
+    kind: ServerKind,
+    clip: &Arc<Clip>,
+    talk: Talk,
+) -> anyhow::Result<(Report, Vec<String>)> {
+    let total = sc.rooms * sc.participants_per_room;
+    let Plan {
+        members,
+        room_speakers,
+    } = plan(sc);
+    let janus_ip = match (kind, args.janus_ip) {
+        (ServerKind::Janus, Some(ip)) => ip,
+        (ServerKind::Janus, None) => janus::local_ipv4()?,
+        // Unused: Chorus peers stay on 127.0.0.1.
+        (ServerKind::Chorus, _) => std::net::Ipv4Addr::LOCALHOST,
+    };
+    let server = match (&args.url, kind) {
+        (Some(_), _) => None,
+        (None, ServerKind::Chorus) => {
             let bin = match &args.server_bin {
                 Some(b) => b.clone(),
                 None => std::env::current_exe()?.with_file_name("chorus"),
             };
-            Some(start_server(&bin, &sc.server_args)?)
+            Some(Started::Chorus(start_server(&bin, &sc.server_args)?))
         }
+        (None, ServerKind::Janus) => Some(Started::Janus(janus::start(&janus::JanusOptions {
+            bin: args.janus_bin.clone(),
+            event_loops: args.janus_event_loops,
+            debug_level: args.janus_debug_level,
+            log: args.janus_log.clone(),
+            ip: janus_ip,
+        })?)),
     };
     let url = match (&args.url, &server) {
         (Some(u), _) => u.clone(),
-        (None, Some(s)) => s.url.clone(),
+        (None, Some(Started::Chorus(s))) => s.url.clone(),
+        (None, Some(Started::Janus(s))) => s.url.clone(),
         (None, None) => unreachable!("a server is started when no --url is given"),
     };
-    let metrics_url = args
-        .sfu_metrics
-        .clone()
-        .or_else(|| server.as_ref().map(|s| s.metrics.clone()));
-    let pid = server.as_ref().map(|s| s.child.id());
+    let metrics_url = match (kind, &server) {
+        (ServerKind::Janus, _) => None,
+        (ServerKind::Chorus, Some(Started::Chorus(s))) => Some(s.metrics.clone()),
+        (ServerKind::Chorus, _) => args.sfu_metrics.clone(),
+    };
+    let pid = server.as_ref().map(Started::pid);
     let rss_idle = pid.and_then(rss_kb);
+    if kind == ServerKind::Janus {
+        janus::create_rooms(&url, sc.rooms, sc.participants_per_room).await?;
+    }
     eprintln!(
         "scenario {}: {} rooms × {} participants ({} talking each) = {total} participants, {} measured, joins over {}",
         sc.name,
@@ -409,7 +591,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         humantime::format_duration(sc.duration),
         humantime::format_duration(sc.ramp),
     );
-    eprintln!("server: {url}");
+    eprintln!("server: {}{url}", kind.label_prefix());
 
     let speakers_total = sc.rooms * sc.speakers_per_room;
     let shared = Arc::new(Shared::new(speakers_total));
@@ -417,52 +599,66 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let run_start = tokio::time::Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    // Room membership: which publisher indices each room has.
-    let mut room_speakers: HashMap<String, Vec<u32>> = HashMap::new();
-    let mut next_pub = 0u32;
     let step = if total > 1 {
         sc.ramp / total as u32
     } else {
         Duration::ZERO
     };
-    for i in 0..total {
-        let r = i % sc.rooms;
-        let k = i / sc.rooms;
-        let room = format!("{}-{r}", sc.name);
-        let publisher = if k < sc.speakers_per_room {
-            let p = next_pub;
-            next_pub += 1;
-            room_speakers.entry(room.clone()).or_default().push(p);
-            Some(p)
-        } else {
-            None
-        };
-        let name = format!("lg{i}");
-        let token = match (&args.api_key, &args.api_secret) {
-            (Some(key), Some(secret)) => {
-                let claims = chorus_signaling::token::participant_claims(
-                    key,
-                    &room,
-                    &name,
-                    None,
-                    Duration::from_secs(3600),
-                    Grants::default_participant(),
-                );
-                chorus_signaling::token::mint(&claims, secret)?
+    for (i, &(r, publisher)) in members.iter().enumerate() {
+        let room = room_name(sc, r);
+        match kind {
+            ServerKind::Chorus => {
+                let name = format!("lg{i}");
+                let token = match (&args.api_key, &args.api_secret) {
+                    (Some(key), Some(secret)) => {
+                        let claims = chorus_signaling::token::participant_claims(
+                            key,
+                            &room,
+                            &name,
+                            None,
+                            Duration::from_secs(3600),
+                            Grants::default_participant(),
+                        );
+                        chorus_signaling::token::mint(&claims, secret)?
+                    }
+                    _ => chorus_native::signaling::dev_token(&url, &name, &room)
+                        .await
+                        .context("dev token (use --api-key/--api-secret for a non-dev server)")?,
+                };
+                let spec = PeerSpec {
+                    index: i,
+                    url: chorus_native::session::normalize_url(&url),
+                    token,
+                    publisher,
+                    talk,
+                    stop: stop_rx.clone(),
+                };
+                tasks.push(tokio::spawn(peer::run(spec, clip.clone(), shared.clone())));
             }
-            _ => chorus_native::signaling::dev_token(&url, &name, &room)
-                .await
-                .context("dev token (use --api-key/--api-secret for a non-dev server)")?,
-        };
-        let spec = PeerSpec {
-            index: i,
-            url: chorus_native::session::normalize_url(&url),
-            token,
-            publisher,
-            talk,
-            stop: stop_rx.clone(),
-        };
-        tasks.push(tokio::spawn(peer::run(spec, clip.clone(), shared.clone())));
+            ServerKind::Janus => {
+                let feeds = room_speakers
+                    .get(&room)
+                    .map(|s| {
+                        s.iter()
+                            .copied()
+                            .filter(|p| Some(*p) != publisher)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let spec = janus::JanusSpec {
+                    index: i,
+                    url: url.clone(),
+                    room_name: room,
+                    room: janus::room_id(r),
+                    publisher,
+                    feeds,
+                    talk,
+                    ip: janus_ip,
+                    stop: stop_rx.clone(),
+                };
+                tasks.push(tokio::spawn(janus::run(spec, clip.clone(), shared.clone())));
+            }
+        }
         if !step.is_zero() {
             tokio::time::sleep_until(run_start + step * (i as u32 + 1)).await;
         }
@@ -502,13 +698,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let secs = t0.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(cpu_seconds);
     let rss_loaded = pid.and_then(rss_kb);
+    // Read with the CPU, so that CPU per received packet covers the same interval.
+    let rx = shared.rx_packets.load(Ordering::Relaxed) - rx0;
+    let tx = shared.tx_packets.load(Ordering::Relaxed) - tx0;
     let m1 = match &metrics_url {
         Some(u) => Some(parse_metrics(&http_get(u).await?)),
         None => None,
     };
     let _ = stop_tx.send(true);
-    let tx = shared.tx_packets.load(Ordering::Relaxed) - tx0;
-    let rx = shared.rx_packets.load(Ordering::Relaxed) - rx0;
     let lost = shared.lost.load(Ordering::Relaxed) - lost0;
     let d1 = shared.delay.snapshot();
     let dd: Vec<u64> = d1.iter().zip(d0.iter()).map(|(a, b)| a - b).collect();
@@ -518,6 +715,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for t in tasks {
         results.push(t.await?);
     }
+    drop(server);
 
     let forwarded = match (&m0, &m1) {
         (Some(a), Some(b)) => Some(
@@ -528,11 +726,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     .copied()
                     .unwrap_or(0.0),
         ),
+        // Janus counts nothing we can read: what the subscribers received is what it
+        // forwarded (on loopback with no loss, exactly).
+        _ if kind == ServerKind::Janus => Some(rx as f64),
         _ => None,
     };
     let (cpu, sys) = match (cpu0, cpu1) {
         (Some(a), Some(b)) => (Some(b.0 + b.1 - a.0 - a.1), Some(b.1 - a.1)),
         _ => (None, None),
+    };
+    let per_packet = |c: Option<f64>, n: Option<f64>| match (c, n) {
+        (Some(c), Some(n)) if n > 0.0 => Some(c * 1e6 / n),
+        _ => None,
     };
     let mut errors = Vec::new();
     for r in &results {
@@ -571,6 +776,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .flat_map(|r| r.jitter_ms.iter().copied())
         .collect();
     let report = Report {
+        server: kind,
         scenario: sc.name.clone(),
         rooms: sc.rooms,
         participants: total,
@@ -595,6 +801,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             jitters.iter().sum::<f64>() / jitters.len() as f64
         },
         forwarded_pps: forwarded.map(|f| f / secs),
+        forwarded_source: match kind {
+            ServerKind::Chorus => "sfu_metrics",
+            ServerKind::Janus => "received_by_loadgen",
+        },
         sfu_forward_ms_p50: m0
             .as_ref()
             .zip(m1.as_ref())
@@ -604,14 +814,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .zip(m1.as_ref())
             .and_then(|(a, b)| forward_quantile(a, b, 0.99)),
         server_cpu_percent: cpu.map(|c| 100.0 * c / secs),
-        server_cpu_us_per_forwarded_packet: match (cpu, forwarded) {
-            (Some(c), Some(f)) if f > 0.0 => Some(c * 1e6 / f),
-            _ => None,
-        },
-        server_sys_us_per_forwarded_packet: match (sys, forwarded) {
-            (Some(c), Some(f)) if f > 0.0 => Some(c * 1e6 / f),
-            _ => None,
-        },
+        server_cpu_us_per_forwarded_packet: per_packet(cpu, forwarded),
+        server_sys_us_per_forwarded_packet: per_packet(sys, forwarded),
+        server_cpu_us_per_received_packet: per_packet(cpu, Some(rx as f64)),
+        server_sys_us_per_received_packet: per_packet(sys, Some(rx as f64)),
         server_rss_idle_mb: rss_idle.map(|k| k / 1024.0),
         server_rss_loaded_mb: rss_loaded.map(|k| k / 1024.0),
         server_rss_kb_per_participant: match (rss_idle, rss_loaded) {
@@ -620,23 +826,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         consistency_errors: errors.iter().take(20).cloned().collect(),
     };
-    print_summary(&report);
-    if let Some(dest) = &args.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        if dest == "-" {
-            println!("{json}");
-        } else {
-            std::fs::write(dest, json).with_context(|| format!("writing {dest}"))?;
-        }
-    }
-    if args.check && !errors.is_empty() {
-        eprintln!("check failed: {} problems", errors.len());
-        for e in errors.iter().take(20) {
-            eprintln!("  {e}");
-        }
-        return Ok(false);
-    }
-    Ok(true)
+    Ok((report, errors))
 }
 
 fn progress(shared: &Shared, start: tokio::time::Instant, total: usize, phase: &str) {
@@ -667,25 +857,41 @@ fn print_summary(r: &Report) {
             .unwrap_or_else(|| "n/a".into())
     };
     eprintln!(
-        "── {} ({} participants, {} speakers, {:.1} s measured)",
-        r.scenario, r.participants, r.speakers, r.measured_secs
+        "── {}{} ({} participants, {} speakers, {:.1} s measured)",
+        r.scenario,
+        match r.server {
+            ServerKind::Chorus => "",
+            ServerKind::Janus => " on Janus",
+        },
+        r.participants,
+        r.speakers,
+        r.measured_secs
     );
     eprintln!(
         "  joined {} · connected {} · failed {}",
         r.joined, r.connected, r.failed
     );
-    eprintln!("  forwarded          {}", f(r.forwarded_pps, "pkt/s"));
+    eprintln!(
+        "  forwarded          {}{}",
+        f(r.forwarded_pps, "pkt/s"),
+        match r.server {
+            ServerKind::Chorus => "",
+            ServerKind::Janus => " (= received by the subscribers; Janus has no counter)",
+        }
+    );
     eprintln!(
         "  server CPU         {} ({} of it in the kernel; {})",
         f(r.server_cpu_us_per_forwarded_packet, "µs/forwarded pkt"),
         f(r.server_sys_us_per_forwarded_packet, "µs"),
         f(r.server_cpu_percent, "% of a core")
     );
-    eprintln!(
-        "  SFU forwarding     p50 {} · p99 {}",
-        f(r.sfu_forward_ms_p50, "ms"),
-        f(r.sfu_forward_ms_p99, "ms")
-    );
+    if r.server == ServerKind::Chorus {
+        eprintln!(
+            "  SFU forwarding     p50 {} · p99 {}",
+            f(r.sfu_forward_ms_p50, "ms"),
+            f(r.sfu_forward_ms_p99, "ms")
+        );
+    }
     eprintln!(
         "  end-to-end delay   p50 {} · p99 {} · {} packets over 10 s late",
         f(r.e2e_delay_ms_p50, "ms"),
@@ -708,5 +914,179 @@ fn print_summary(r: &Report) {
             r.consistency_errors.len(),
             r.consistency_errors[0]
         );
+    }
+}
+
+/// Chorus and Janus under the same load. Both CPU figures are per packet the
+/// subscribers received, the one count both runs have (Janus exposes no forwarding
+/// counter); Chorus's own metric is shown beside it.
+#[derive(Debug, Serialize)]
+struct Comparison {
+    /// Janus's server CPU per received packet over Chorus's.
+    janus_over_chorus_cpu_per_packet: Option<f64>,
+    /// The same for the kernel's share (system time).
+    janus_over_chorus_sys_per_packet: Option<f64>,
+    basis: &'static str,
+    chorus: Report,
+    janus: Report,
+}
+
+impl Comparison {
+    fn new(chorus: Report, janus: Report) -> Comparison {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(j), Some(c)) if c > 0.0 => Some(j / c),
+            _ => None,
+        };
+        Comparison {
+            janus_over_chorus_cpu_per_packet: ratio(
+                janus.server_cpu_us_per_received_packet,
+                chorus.server_cpu_us_per_received_packet,
+            ),
+            janus_over_chorus_sys_per_packet: ratio(
+                janus.server_sys_us_per_received_packet,
+                chorus.server_sys_us_per_received_packet,
+            ),
+            basis: "server CPU (utime+stime from /proc) per RTP packet received by the \
+                    loadgen's subscribers in the measured window",
+            chorus,
+            janus,
+        }
+    }
+
+    fn print(&self) {
+        let (c, j) = (&self.chorus, &self.janus);
+        let f = |v: Option<f64>, prec: usize| {
+            v.map(|x| format!("{x:.prec$}"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        // One figure of each run per row; Chorus-only figures say n/a for Janus.
+        let both = |pick: fn(&Report) -> Option<f64>, prec| (f(pick(c), prec), f(pick(j), prec));
+        let rows = [
+            ("", ("Chorus".into(), "Janus".into())),
+            (
+                "server CPU µs / received pkt",
+                both(|r| r.server_cpu_us_per_received_packet, 2),
+            ),
+            (
+                "  of it kernel",
+                both(|r| r.server_sys_us_per_received_packet, 2),
+            ),
+            (
+                "server CPU µs / SFU-counted pkt",
+                (f(c.server_cpu_us_per_forwarded_packet, 2), "n/a".into()),
+            ),
+            ("server CPU, % of a core", both(|r| r.server_cpu_percent, 1)),
+            (
+                "received pkt/s (= forwarded)",
+                both(|r| Some(r.received_pps), 0),
+            ),
+            (
+                "SFU-counted forwarded pkt/s",
+                (f(c.forwarded_pps, 0), "n/a".into()),
+            ),
+            ("end-to-end delay p50 ms", both(|r| r.e2e_delay_ms_p50, 2)),
+            ("end-to-end delay p99 ms", both(|r| r.e2e_delay_ms_p99, 2)),
+            ("loss %", both(|r| Some(r.loss_percent), 3)),
+            (
+                "server RSS KB / participant",
+                both(|r| r.server_rss_kb_per_participant, 0),
+            ),
+            ("failed participants", both(|r| Some(r.failed as f64), 0)),
+        ];
+        eprintln!(
+            "── Janus comparison: {} ({} participants, {} speakers; {:.1} s / {:.1} s measured)",
+            c.scenario, c.participants, c.speakers, c.measured_secs, j.measured_secs
+        );
+        for (what, (a, b)) in rows {
+            eprintln!("  {what:<34} {a:>14} {b:>14}");
+        }
+        eprintln!(
+            "  Janus / Chorus CPU per packet: {} (kernel part: {})",
+            f(self.janus_over_chorus_cpu_per_packet, 2),
+            f(self.janus_over_chorus_sys_per_packet, 2)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(rooms: usize, participants: usize, speakers: usize) -> Scenario {
+        Scenario {
+            name: "t".into(),
+            rooms,
+            participants_per_room: participants,
+            speakers_per_room: speakers,
+            duration: Duration::from_secs(1),
+            ramp: Duration::ZERO,
+            talk: None,
+            server_args: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn plan_spreads_rooms_and_puts_speakers_first() {
+        let p = plan(&scenario(2, 3, 2));
+        // Joiners alternate rooms; the first two of each room talk.
+        assert_eq!(
+            p.members,
+            vec![
+                (0, Some(0)),
+                (1, Some(1)),
+                (0, Some(2)),
+                (1, Some(3)),
+                (0, None),
+                (1, None)
+            ]
+        );
+        assert_eq!(p.room_speakers["t-0"], vec![0, 2]);
+        assert_eq!(p.room_speakers["t-1"], vec![1, 3]);
+    }
+
+    #[test]
+    fn comparison_ratio_is_janus_over_chorus_per_received_packet() {
+        let report = |server, cpu: Option<f64>| Report {
+            server,
+            scenario: "t".into(),
+            rooms: 1,
+            participants: 2,
+            speakers: 2,
+            measured_secs: 1.0,
+            joined: 2,
+            connected: 2,
+            failed: 0,
+            sent_pps: 100.0,
+            received_pps: 100.0,
+            loss_percent: 0.0,
+            e2e_delay_ms_p50: None,
+            e2e_delay_ms_p99: None,
+            delay_over_10s: 0,
+            mean_jitter_ms: 0.0,
+            forwarded_pps: None,
+            forwarded_source: "x",
+            sfu_forward_ms_p50: None,
+            sfu_forward_ms_p99: None,
+            server_cpu_percent: None,
+            server_cpu_us_per_forwarded_packet: Some(1.0),
+            server_sys_us_per_forwarded_packet: None,
+            server_cpu_us_per_received_packet: cpu,
+            server_sys_us_per_received_packet: None,
+            server_rss_idle_mb: None,
+            server_rss_loaded_mb: None,
+            server_rss_kb_per_participant: None,
+            consistency_errors: Vec::new(),
+        };
+        let c = Comparison::new(
+            report(ServerKind::Chorus, Some(20.0)),
+            report(ServerKind::Janus, Some(50.0)),
+        );
+        assert_eq!(c.janus_over_chorus_cpu_per_packet, Some(2.5));
+        assert_eq!(c.janus_over_chorus_sys_per_packet, None);
+        let c = Comparison::new(
+            report(ServerKind::Chorus, None),
+            report(ServerKind::Janus, Some(50.0)),
+        );
+        assert_eq!(c.janus_over_chorus_cpu_per_packet, None);
     }
 }

@@ -8,8 +8,12 @@
 //! Everything runs in one process, so both ends read the same clock. The stamped
 //! payload is no longer valid Opus, which the SFU does not look at (enhanced audio is
 //! off) and nobody here decodes.
+//!
+//! The media side ([`Pc`], [`Sender`], [`Receiver`]) is shared with the Janus peer
+//! (`janus.rs`), so both servers get exactly the same packets and the same accounting.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +23,7 @@ use chorus_native::SignalingClient;
 use chorus_protocol::client::{ClientMessage, ServerMessage};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, Frequency, MediaData, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -59,14 +63,14 @@ pub struct PeerSpec {
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// A loopback UDP socket with a receive buffer big enough for bursts (a listener of
+/// A UDP socket on `ip` with a receive buffer big enough for bursts (a listener of
 /// a busy room gets several streams' packets at once).
-fn bind_socket() -> anyhow::Result<UdpSocket> {
+fn bind_socket(ip: IpAddr) -> anyhow::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let _ = s.set_recv_buffer_size(1 << 20);
     s.set_nonblocking(true)?;
-    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    s.bind(&SocketAddr::new(ip, 0).into())?;
     Ok(UdpSocket::from_std(s.into())?)
 }
 
@@ -83,10 +87,255 @@ pub struct PeerResult {
     pub error: Option<String>,
 }
 
+/// One str0m PeerConnection (Opus only) on its own UDP socket.
+pub struct Pc {
+    pub rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    buf: Vec<u8>,
+    /// ICE and DTLS are up.
+    pub connected: bool,
+}
+
+impl Pc {
+    /// A PC whose socket (and so its one host candidate) is on `ip`: loopback for
+    /// Chorus, the address Janus gathers on for Janus.
+    pub fn new(ip: IpAddr) -> anyhow::Result<Pc> {
+        let socket = bind_socket(ip)?;
+        let local = socket.local_addr()?;
+        let mut rtc = Rtc::builder()
+            .clear_codecs()
+            .enable_opus(true, false)
+            // Loss is measured from sequence numbers as packets arrive; a reordering
+            // buffer would only hide it (and delay delivery).
+            .set_reordering_size_audio(0)
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| anyhow!("{e}"))?);
+        Ok(Pc {
+            rtc,
+            socket,
+            local,
+            buf: vec![0u8; 2000],
+            connected: false,
+        })
+    }
+
+    /// Runs str0m until it has nothing more to say; returns when it next wants time.
+    pub fn drive(&mut self, rx: &mut Receiver, shared: &Shared) -> anyhow::Result<Instant> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => {
+                    // Loopback: a full socket buffer is the only failure, and that is
+                    // loss the receivers will count.
+                    let _ = self.socket.try_send_to(&t.contents, t.destination);
+                }
+                Output::Event(Event::Connected) => self.connected = true,
+                Output::Event(Event::MediaData(d)) => rx.on_media(&d, shared),
+                Output::Event(_) => {}
+            }
+        }
+    }
+
+    /// Waits for one datagram and hands it to str0m. Cancel-safe: the only await is
+    /// the receive, so a `select!` that drops this loses nothing.
+    pub async fn receive(&mut self) -> anyhow::Result<()> {
+        let Ok((n, source)) = self.socket.recv_from(&mut self.buf).await else {
+            return Ok(());
+        };
+        let Ok(contents) = self.buf[..n].try_into() else {
+            return Ok(());
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local,
+                contents,
+            },
+        );
+        if self.rtc.accepts(&input) {
+            self.rtc.handle_input(input)?;
+        }
+        Ok(())
+    }
+
+    /// [`Pc::receive`] on an optional PC: without one, never returns.
+    pub async fn receive_opt(pc: Option<&mut Pc>) -> anyhow::Result<()> {
+        match pc {
+            Some(pc) => pc.receive().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub fn timeout(&mut self) -> anyhow::Result<()> {
+        self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+        Ok(())
+    }
+}
+
+/// The publishing side: one stamped clip frame per 20 ms tick.
+pub struct Sender {
+    publisher: u32,
+    mid: Mid,
+    talk: Talk,
+    phase: Duration,
+    frame_no: u64,
+    rtp_ts: u32,
+    pt: Option<Pt>,
+    payload: Vec<u8>,
+}
+
+impl Sender {
+    pub fn new(index: usize, publisher: u32, mid: Mid, talk: Talk) -> Sender {
+        Sender {
+            publisher,
+            mid,
+            talk,
+            // Spreads the talk patterns so that not every publisher pauses at once.
+            phase: Duration::from_millis(index as u64 * 370),
+            frame_no: 0,
+            rtp_ts: 0x1234_5678u32.wrapping_mul(index as u32 + 1),
+            pt: None,
+            payload: Vec::with_capacity(1500),
+        }
+    }
+
+    /// One 20 ms tick: writes the next frame unless the talk pattern is silent now.
+    pub fn tick(&mut self, rtc: &mut Rtc, clip: &Clip, shared: &Shared) {
+        let talking = match self.talk {
+            Talk::Continuous => true,
+            Talk::Pattern { on, off } => {
+                let cycle = (on + off).as_millis().max(1) as u64;
+                let t = (self.frame_no * 20 + self.phase.as_millis() as u64) % cycle;
+                t < on.as_millis() as u64
+            }
+        };
+        let (opus, level) = &clip.frames[(self.frame_no as usize) % clip.frames.len()];
+        self.frame_no += 1;
+        let ts = self.rtp_ts;
+        self.rtp_ts = self.rtp_ts.wrapping_add(960);
+        if !talking {
+            return;
+        }
+        if self.pt.is_none() {
+            self.pt = rtc.writer(self.mid).and_then(|w| {
+                w.payload_params()
+                    .find(|p| p.spec().codec == Codec::Opus)
+                    .map(|p| p.pt())
+            });
+        }
+        let Some(pt) = self.pt else { return };
+        let counter = self.frame_no as u32;
+        self.payload.clear();
+        self.payload.extend_from_slice(opus);
+        self.payload.extend_from_slice(&MAGIC);
+        self.payload
+            .extend_from_slice(&self.publisher.to_be_bytes());
+        self.payload.extend_from_slice(&counter.to_be_bytes());
+        let now = Instant::now();
+        shared.stamp(self.publisher, counter, now);
+        if let Some(w) = rtc.writer(self.mid) {
+            let level = -(*level.min(&127) as i8);
+            if w.audio_level(level, true)
+                .write(
+                    pt,
+                    now,
+                    MediaTime::new(u64::from(ts), Frequency::FORTY_EIGHT_KHZ),
+                    self.payload.as_slice(),
+                )
+                .is_ok()
+            {
+                shared.tx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 struct RxStream {
     highest: Option<u64>,
     jitter: f64,
     last: Option<(Instant, u64)>,
+}
+
+/// The receiving side's accounting: packets per publisher, loss from sequence gaps,
+/// interarrival jitter, and one-way delay from the stamps.
+#[derive(Default)]
+pub struct Receiver {
+    streams: HashMap<Mid, RxStream>,
+    per_publisher: HashMap<u32, u64>,
+    lost: u64,
+}
+
+impl Receiver {
+    fn on_media(&mut self, d: &MediaData, shared: &Shared) {
+        let now = Instant::now();
+        shared.rx_packets.fetch_add(1, Ordering::Relaxed);
+        let data = &d.data;
+        if data.len() >= STAMP_LEN {
+            let s = &data[data.len() - STAMP_LEN..];
+            if s[..4] == MAGIC {
+                let publisher = u32::from_be_bytes([s[4], s[5], s[6], s[7]]);
+                let counter = u32::from_be_bytes([s[8], s[9], s[10], s[11]]);
+                *self.per_publisher.entry(publisher).or_default() += 1;
+                match shared.sent_at(publisher, counter) {
+                    Some(sent) => shared
+                        .delay
+                        .observe(shared.elapsed_ns(now).saturating_sub(sent)),
+                    // Older than the send-time ring (> 10 s late).
+                    None => {
+                        shared.unmeasured.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let seq: u64 = **d.seq_range.start();
+        let st = self.streams.entry(d.mid).or_insert(RxStream {
+            highest: None,
+            jitter: 0.0,
+            last: None,
+        });
+        if let Some(h) = st.highest {
+            if seq > h + 1 {
+                let gap = seq - h - 1;
+                self.lost += gap;
+                shared.lost.fetch_add(gap, Ordering::Relaxed);
+            }
+        }
+        if st.highest.is_none_or(|h| seq > h) {
+            st.highest = Some(seq);
+        }
+        // RFC 3550 interarrival jitter, in ms.
+        let ts = d.time.numer();
+        if let Some((t0, ts0)) = st.last {
+            let arrival = now.duration_since(t0).as_secs_f64() * 1000.0;
+            let media = (ts as f64 - ts0 as f64) / 48.0;
+            st.jitter += ((arrival - media).abs() - st.jitter) / 16.0;
+        }
+        st.last = Some((now, ts));
+    }
+
+    /// Moves what was counted into the participant's result.
+    pub fn finish(self, result: &mut PeerResult) {
+        result.per_publisher = self.per_publisher;
+        result.lost = self.lost;
+        result.jitter_ms = self.streams.values().map(|s| s.jitter).collect();
+    }
+}
+
+/// Records how a participant's run ended: a failure is counted in `shared` and
+/// carried in the result (the run goes on without it).
+pub fn record_outcome(
+    outcome: anyhow::Result<()>,
+    index: usize,
+    shared: &Shared,
+    result: &mut PeerResult,
+) {
+    if let Err(e) = outcome {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        result.error = Some(format!("participant {index}: {e:#}"));
+    }
 }
 
 pub async fn run(mut spec: PeerSpec, clip: Arc<Clip>, shared: Arc<Shared>) -> PeerResult {
@@ -94,10 +343,8 @@ pub async fn run(mut spec: PeerSpec, clip: Arc<Clip>, shared: Arc<Shared>) -> Pe
         publisher: spec.publisher,
         ..Default::default()
     };
-    if let Err(e) = run_inner(&mut spec, &clip, &shared, &mut result).await {
-        shared.failed.fetch_add(1, Ordering::Relaxed);
-        result.error = Some(format!("participant {}: {e:#}", spec.index));
-    }
+    let outcome = run_inner(&mut spec, &clip, &shared, &mut result).await;
+    record_outcome(outcome, spec.index, &shared, &mut result);
     result
 }
 
@@ -115,15 +362,8 @@ async fn run_inner(
     result.room = room;
     shared.joined.fetch_add(1, Ordering::Relaxed);
 
-    let socket = bind_socket()?;
-    let local = socket.local_addr()?;
-    let mut rtc = Rtc::builder()
-        .clear_codecs()
-        .enable_opus(true, false)
-        .set_reordering_size_audio(0)
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| anyhow!("{e}"))?);
-    let mut api = rtc.sdp_api();
+    let mut pc = Pc::new(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let mut api = pc.rtc.sdp_api();
     let dir = if spec.publisher.is_some() {
         Direction::SendOnly
     } else {
@@ -137,101 +377,34 @@ async fn run_inner(
     })
     .await?;
 
-    let mut connected = false;
-    let mut buf = vec![0u8; 2000];
+    let mut sender = spec
+        .publisher
+        .map(|p| Sender::new(spec.index, p, mic, spec.talk));
+    let mut rx = Receiver::default();
+    let mut counted = false;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut frame_no: u64 = 0;
-    let mut rtp_ts: u32 = 0x1234_5678u32.wrapping_mul(spec.index as u32 + 1);
-    let mut payload = Vec::with_capacity(1500);
-    let mut pt = None;
-    let mut streams: HashMap<Mid, RxStream> = HashMap::new();
-    let phase = Duration::from_millis(spec.index as u64 * 370);
 
     loop {
-        let deadline = loop {
-            match rtc.poll_output()? {
-                Output::Timeout(t) => break t,
-                Output::Transmit(t) => {
-                    let _ = socket.try_send_to(&t.contents, t.destination);
-                }
-                Output::Event(Event::Connected) => {
-                    connected = true;
-                    shared.connected.fetch_add(1, Ordering::Relaxed);
-                }
-                Output::Event(Event::MediaData(d)) => {
-                    let now = Instant::now();
-                    shared.rx_packets.fetch_add(1, Ordering::Relaxed);
-                    let data = &d.data;
-                    if data.len() >= STAMP_LEN {
-                        let s = &data[data.len() - STAMP_LEN..];
-                        if s[..4] == MAGIC {
-                            let publisher = u32::from_be_bytes([s[4], s[5], s[6], s[7]]);
-                            let counter = u32::from_be_bytes([s[8], s[9], s[10], s[11]]);
-                            *result.per_publisher.entry(publisher).or_default() += 1;
-                            match shared.sent_at(publisher, counter) {
-                                Some(sent) => shared
-                                    .delay
-                                    .observe(shared.elapsed_ns(now).saturating_sub(sent)),
-                                // Older than the send-time ring (> 10 s late).
-                                None => {
-                                    shared.unmeasured.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                    let seq = *d.seq_range.start();
-                    let seq: u64 = *seq;
-                    let st = streams.entry(d.mid).or_insert(RxStream {
-                        highest: None,
-                        jitter: 0.0,
-                        last: None,
-                    });
-                    if let Some(h) = st.highest {
-                        if seq > h + 1 {
-                            let gap = seq - h - 1;
-                            result.lost += gap;
-                            shared.lost.fetch_add(gap, Ordering::Relaxed);
-                        }
-                    }
-                    if st.highest.is_none_or(|h| seq > h) {
-                        st.highest = Some(seq);
-                    }
-                    // RFC 3550 interarrival jitter, in ms.
-                    let ts = d.time.numer();
-                    if let Some((t0, ts0)) = st.last {
-                        let arrival = now.duration_since(t0).as_secs_f64() * 1000.0;
-                        let media = (ts as f64 - ts0 as f64) / 48.0;
-                        st.jitter += ((arrival - media).abs() - st.jitter) / 16.0;
-                    }
-                    st.last = Some((now, ts));
-                }
-                Output::Event(_) => {}
-            }
-        };
+        let deadline = pc.drive(&mut rx, shared)?;
+        if pc.connected && !counted {
+            counted = true;
+            shared.connected.fetch_add(1, Ordering::Relaxed);
+        }
         if *spec.stop.borrow() {
             break;
         }
         tokio::select! {
-            r = socket.recv_from(&mut buf) => {
-                let Ok((n, source)) = r else { continue };
-                let Ok(contents) = buf[..n].try_into() else { continue };
-                let input = Input::Receive(Instant::now(), Receive {
-                    proto: Protocol::Udp, source, destination: local, contents,
-                });
-                if rtc.accepts(&input) {
-                    rtc.handle_input(input)?;
-                }
-            }
+            r = pc.receive() => r?,
             m = sig.recv() => match m? {
                 chorus_native::Incoming::Message(ServerMessage::Answer { sdp }) => {
                     let answer = SdpAnswer::from_sdp_string(&sdp)?;
                     let p = pending.take().ok_or_else(|| anyhow!("answer without offer"))?;
-                    rtc.sdp_api().accept_answer(p, answer)?;
+                    pc.rtc.sdp_api().accept_answer(p, answer)?;
                 }
                 chorus_native::Incoming::Message(ServerMessage::Offer { sdp }) => {
                     let offer = SdpOffer::from_sdp_string(&sdp)?;
-                    let answer = rtc.sdp_api().accept_offer(offer)?;
+                    let answer = pc.rtc.sdp_api().accept_offer(offer)?;
                     sig.send(&ClientMessage::Answer { sdp: answer.to_sdp_string() }).await?;
                 }
                 chorus_native::Incoming::Message(ServerMessage::Error { code, message }) => {
@@ -243,57 +416,19 @@ async fn run_inner(
                 chorus_native::Incoming::Message(_) => {}
                 chorus_native::Incoming::Closed(c) => bail!("signaling closed: {c:?}"),
             },
-            _ = tick.tick(), if spec.publisher.is_some() && connected => {
-                let publisher = spec.publisher.unwrap_or(0);
-                let talking = match spec.talk {
-                    Talk::Continuous => true,
-                    Talk::Pattern { on, off } => {
-                        let cycle = (on + off).as_millis().max(1) as u64;
-                        let t = (frame_no * 20 + phase.as_millis() as u64) % cycle;
-                        t < on.as_millis() as u64
-                    }
-                };
-                let (opus, level) = &clip.frames[(frame_no as usize) % clip.frames.len()];
-                frame_no += 1;
-                let ts = rtp_ts;
-                rtp_ts = rtp_ts.wrapping_add(960);
-                if !talking {
-                    continue;
-                }
-                if pt.is_none() {
-                    pt = rtc.writer(mic).and_then(|w| {
-                        w.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt())
-                    });
-                }
-                let Some(pt) = pt else { continue };
-                let counter = frame_no as u32;
-                payload.clear();
-                payload.extend_from_slice(opus);
-                payload.extend_from_slice(&MAGIC);
-                payload.extend_from_slice(&publisher.to_be_bytes());
-                payload.extend_from_slice(&counter.to_be_bytes());
-                let now = Instant::now();
-                shared.stamp(publisher, counter, now);
-                if let Some(w) = rtc.writer(mic) {
-                    let level = -(*level.min(&127) as i8);
-                    if w.audio_level(level, true)
-                        .write(pt, now, MediaTime::new(u64::from(ts), Frequency::FORTY_EIGHT_KHZ), payload.as_slice())
-                        .is_ok()
-                    {
-                        shared.tx_packets.fetch_add(1, Ordering::Relaxed);
-                    }
+            _ = tick.tick(), if sender.is_some() && pc.connected => {
+                if let Some(s) = sender.as_mut() {
+                    s.tick(&mut pc.rtc, clip, shared);
                 }
             }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                rtc.handle_input(Input::Timeout(Instant::now()))?;
-            }
+            _ = tokio::time::sleep_until(deadline.into()) => pc.timeout()?,
             _ = spec.stop.changed() => break,
         }
     }
-    result.jitter_ms = streams.values().map(|s| s.jitter).collect();
+    rx.finish(result);
     let _ = sig.send(&ClientMessage::Leave).await;
     sig.close().await;
-    if !connected {
+    if !pc.connected {
         bail!("media never connected");
     }
     Ok(())
