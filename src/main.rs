@@ -87,6 +87,10 @@ struct DevArgs {
     /// http://ADDR/metrics. Signaling's own metrics stay on --listen.
     #[arg(long, env = "CHORUS_DEV_SFU_METRICS")]
     sfu_metrics: Option<SocketAddr>,
+    /// SFU worker threads, each with its own UDP port (consecutive from
+    /// --media-listen's port); rooms are spread across them.
+    #[arg(long, default_value_t = 1, env = "CHORUS_DEV_WORKERS")]
+    workers: usize,
     #[command(flatten)]
     chat: ChatArgs,
     #[command(flatten)]
@@ -416,7 +420,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         node_secret,
         media_listen,
         advertise,
-        workers: 1,
+        workers: a.workers.max(1),
         worker: a.selection.worker_config(),
     })
     .await?;
