@@ -18,6 +18,9 @@ run rooms-20x5 --rooms 2 --participants 3
 # 8 > 6 participants: speaker selection is on; all 5 (town hall) or 3 speakers forwarded.
 run town-hall --participants 8 --speakers 5
 run big-channel --participants 8 --speakers 3
+# Two SFU workers (rooms hashed across two threads and UDP ports): rooms on either one
+# must forward.
+run rooms-20x5 --rooms 4 --participants 3 --server-arg=--workers --server-arg=2
 # The Janus comparison (about 16 s): the same tiny load against chorus dev, then Janus.
 # Janus never gathers ICE candidates on a loopback interface, so the run happens in a
 # private network namespace with a veth address for Janus: every packet stays in it.

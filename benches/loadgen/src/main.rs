@@ -109,6 +109,10 @@ struct Args {
     /// no participant failed and nothing was lost. For smoke runs in CI.
     #[arg(long)]
     check: bool,
+    /// Extra flag for the `chorus dev` server, after the scenario's own (repeatable),
+    /// e.g. --server-arg=--workers --server-arg=2.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
     /// The server to load: a fresh `chorus dev`, or a fresh Janus (VideoRoom plugin,
     /// audio only, WebSocket API on loopback). With --url, a running one of that kind.
     #[arg(long, value_enum, default_value_t = ServerKind::Chorus)]
@@ -460,6 +464,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .min(sc.participants_per_room);
     sc.duration = args.duration.unwrap_or(sc.duration);
     sc.ramp = args.ramp.unwrap_or(sc.ramp);
+    sc.server_args.extend(args.server_arg.iter().cloned());
     let talk = parse_talk(sc.talk.as_deref())?;
 
     let audio = args.audio.clone().unwrap_or_else(|| {
