@@ -67,23 +67,38 @@ impl<K: Copy + Eq + Hash> Mixer<K> {
     /// Sums every input frame (scaled by its participant's volume) into `out`.
     /// Inputs shorter than `out` contribute silence for the rest.
     pub fn mix(&mut self, inputs: &[(K, &[i16])], out: &mut [i16]) {
+        self.mix_filtered(inputs.iter().copied(), None, out);
+    }
+
+    /// [`Mixer::mix`] over any iterator of inputs, so a caller whose frames live in its
+    /// own per-stream state need not collect them into a list every 20 ms.
+    pub fn mix_iter<'a>(
+        &mut self,
+        inputs: impl IntoIterator<Item = (K, &'a [i16])>,
+        out: &mut [i16],
+    ) {
         self.mix_filtered(inputs, None, out);
     }
 
     /// Mix-minus: everything except `who` (what `who` should hear, without their own
     /// voice).
     pub fn mix_except(&mut self, inputs: &[(K, &[i16])], who: K, out: &mut [i16]) {
-        self.mix_filtered(inputs, Some(who), out);
+        self.mix_filtered(inputs.iter().copied(), Some(who), out);
     }
 
-    fn mix_filtered(&mut self, inputs: &[(K, &[i16])], except: Option<K>, out: &mut [i16]) {
+    fn mix_filtered<'a>(
+        &mut self,
+        inputs: impl IntoIterator<Item = (K, &'a [i16])>,
+        except: Option<K>,
+        out: &mut [i16],
+    ) {
         self.acc.clear();
         self.acc.resize(out.len(), 0.0);
         for (who, frame) in inputs {
-            if except == Some(*who) {
+            if except == Some(who) {
                 continue;
             }
-            let g = self.volume(*who);
+            let g = self.volume(who);
             if g == 0.0 {
                 continue;
             }

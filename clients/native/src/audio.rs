@@ -331,12 +331,13 @@ impl<K: Copy + Eq + std::hash::Hash> Playback<K> {
             out.fill(0);
             return;
         }
-        let inputs: Vec<(K, &[i16])> = self
-            .order
-            .iter()
-            .filter_map(|k| self.streams.get(k).map(|s| (*k, &s.pcm[..])))
-            .collect();
-        self.mixer.mix(&inputs, out);
+        let streams = &self.streams;
+        self.mixer.mix_iter(
+            self.order
+                .iter()
+                .filter_map(|k| streams.get(k).map(|s| (*k, &s.pcm[..]))),
+            out,
+        );
     }
 }
 
