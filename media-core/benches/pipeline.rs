@@ -4,6 +4,7 @@
 //! `cargo bench -p chorus-media-core --bench pipeline -- --measurement-time 3`
 
 use chorus_media_core::denoise::Denoiser;
+use chorus_media_core::gate::Gate;
 use chorus_media_core::opus::{EncoderConfig, OpusDecoder, OpusEncoder, FRAME_SAMPLES, MAX_PACKET};
 use chorus_media_core::vad::Vad;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -52,6 +53,7 @@ fn bench(c: &mut Criterion) {
     let mut dec = OpusDecoder::new().expect("decoder");
     let mut den = Denoiser::new(1.0);
     let mut vad = Vad::default();
+    let mut gate = Gate::default();
     let mut pcm = [0i16; FRAME_SAMPLES];
     let mut raw = [0i16; FRAME_SAMPLES];
     let mut out = [0u8; MAX_PACKET];
@@ -64,19 +66,23 @@ fn bench(c: &mut Criterion) {
         })
         .expect("encoder");
         let mut i = 0;
-        g.bench_function(format!("decode+denoise+vad+encode/c{complexity}"), |b| {
-            b.iter(|| {
-                let p = &packets[i % packets.len()];
-                i += 1;
-                dec.decode(p, &mut pcm).expect("decode");
-                raw.copy_from_slice(&pcm);
-                let prob = den.process(&mut pcm);
-                // The VAD takes the frame as captured (before denoising).
-                let v = vad.process(prob, &raw);
-                black_box(v.speech);
-                black_box(enc.encode(&pcm, &mut out).expect("encode"))
-            })
-        });
+        g.bench_function(
+            format!("decode+denoise+vad+gate+encode/c{complexity}"),
+            |b| {
+                b.iter(|| {
+                    let p = &packets[i % packets.len()];
+                    i += 1;
+                    dec.decode(p, &mut pcm).expect("decode");
+                    raw.copy_from_slice(&pcm);
+                    let prob = den.process(&mut pcm);
+                    // The VAD takes the frame as captured (before denoising).
+                    let v = vad.process(prob, &raw);
+                    gate.process(v.speech || v.voice_like, &mut pcm);
+                    black_box(v.speech);
+                    black_box(enc.encode(&pcm, &mut out).expect("encode"))
+                })
+            },
+        );
     }
 
     let mut i = 0;

@@ -6,7 +6,8 @@
 //!
 //! - [`opus`]: Opus encode/decode, with in-band FEC, DTX and loss concealment.
 //! - [`denoise`]: RNNoise noise suppression with a strength control and its voice
-//!   probability; [`vad`]: per-frame speech decision built on it.
+//!   probability; [`vad`]: per-frame speech decision built on it; [`gate`]: lowers the
+//!   background (babble RNNoise keeps) while the VAD says nobody is speaking.
 //! - [`level`]: RFC 6464 audio levels; [`speaker`]: active- and dominant-speaker
 //!   detection from those levels.
 //! - [`jitter`]: receive-side jitter buffer telling the decoder to decode, recover with
@@ -14,6 +15,7 @@
 //! - [`rewrite`]: RTP sequence/timestamp rewriting for the SFU's forwarders.
 
 pub mod denoise;
+pub mod gate;
 pub mod jitter;
 pub mod level;
 pub mod mixer;

@@ -6,6 +6,7 @@
 mod common;
 
 use chorus_media_core::denoise::{Denoiser, LATENCY_SAMPLES};
+use chorus_media_core::gate::Gate;
 use chorus_media_core::vad::Vad;
 use common::*;
 
@@ -35,8 +36,12 @@ struct Case {
 }
 
 fn case() -> Case {
-    let clean = read_wav("speech.wav");
-    let segs = read_labels();
+    case_in(Set::Main)
+}
+
+fn case_in(set: Set) -> Case {
+    let clean = read_wav_in(set, "speech.wav");
+    let segs = read_labels_in(set);
     let labels = frame_labels(clean.len(), &segs);
     Case {
         clean,
@@ -163,39 +168,140 @@ fn conversational(c: &Case) -> Case {
 
 #[test]
 fn vad_frame_accuracy_on_labelled_speech() {
-    let c = conversational(&case());
-    let speech = c.labels.iter().filter(|&&l| l).count();
-    println!(
-        "VAD test signal: {} frames, {:.0}% speech",
-        c.labels.len(),
-        100.0 * speech as f64 / c.labels.len() as f64
-    );
-    let clean_acc = vad_accuracy(&c.clean, &c.labels);
-    println!("VAD clean: {:.1}%", clean_acc * 100.0);
     let mut failures = Vec::new();
-    for noise_name in NOISES {
-        let noise = read_wav(&format!("noise-{noise_name}.wav"));
-        for snr in SNRS {
-            let noisy = mix(&c.clean, &noise, &c.segs, snr);
-            let acc = vad_accuracy(&noisy, &c.labels);
-            println!("VAD {noise_name:7} {snr:4.0} dB: {:.1}%", acc * 100.0);
-            let need = if snr >= 10.0 {
-                0.90
-            } else if snr <= 0.0 {
-                0.80
-            } else {
-                0.85
-            };
-            // Babble is competing speech: both cues (speech-likeness, energy above
-            // the floor) say "voice" and a single-channel VAD cannot know which voice
-            // is the participant's. Measured and printed, not asserted.
-            if noise_name != "babble" && acc < need {
-                failures.push(format!("{noise_name} @ {snr} dB: {acc:.3} < {need}"));
+    for set in [Set::Main, Set::Heldout] {
+        let c = conversational(&case_in(set));
+        let speech = c.labels.iter().filter(|&&l| l).count();
+        println!(
+            "{set:?} set: VAD test signal: {} frames, {:.0}% speech",
+            c.labels.len(),
+            100.0 * speech as f64 / c.labels.len() as f64
+        );
+        let clean_acc = vad_accuracy(&c.clean, &c.labels);
+        println!("VAD clean: {:.1}%", clean_acc * 100.0);
+        for noise_name in NOISES {
+            let noise = read_wav_in(set, &format!("noise-{noise_name}.wav"));
+            for snr in SNRS {
+                let noisy = mix(&c.clean, &noise, &c.segs, snr);
+                let acc = vad_accuracy(&noisy, &c.labels);
+                println!("VAD {noise_name:7} {snr:4.0} dB: {:.1}%", acc * 100.0);
+                // The issue's bars (80 / 85 / 90% at 0 / 5 / 10 dB) for steady noise.
+                // Babble is competing speech: only its level separates it from the
+                // participant, and even a threshold picked with hindsight per
+                // recording reaches ~82 / 91 / 93% on the main set and ~76 / 85 / 92%
+                // on the held-out one (benches/README.md); its bars are set under
+                // what the VAD measures, as a regression guard.
+                let need = match (noise_name, snr as i32) {
+                    ("babble", 0) => 0.75,
+                    ("babble", 5) => 0.82,
+                    ("babble", _) => 0.88,
+                    (_, 0) => 0.80,
+                    (_, 5) => 0.85,
+                    _ => 0.90,
+                };
+                // Asserted on the main set, which the VAD was tuned on; the held-out
+                // set (other voices and sentences) is printed to show how far that
+                // tuning carries.
+                if set == Set::Main && acc < need {
+                    failures.push(format!("{noise_name} @ {snr} dB: {acc:.3} < {need}"));
+                }
+            }
+        }
+        // Clean speech: the only errors are the hangover frames after each utterance
+        // (3 × 6 by design) and the attack frame at each onset.
+        if clean_acc < 0.90 {
+            failures.push(format!("{set:?} clean accuracy {clean_acc:.3}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// The enhanced-audio chain of the SFU (sfu/src/enhance.rs) on `x`: denoise, VAD on
+/// the captured frame, gate; `gate: false` stops after the denoiser. Output aligned
+/// with `x` (denoiser latency removed).
+fn enhance(x: &[i16], gate: bool) -> Vec<i16> {
+    let mut d = Denoiser::new(1.0);
+    let mut v = Vad::default();
+    let mut g = Gate::default();
+    let mut out = x.to_vec();
+    out.extend_from_slice(&[0; FRAME]);
+    let mut raw = [0i16; FRAME];
+    for f in out.chunks_exact_mut(FRAME) {
+        raw.copy_from_slice(f);
+        let p = d.process(f);
+        let r = v.process(p, &raw);
+        if gate {
+            g.process(r.speech || r.voice_like, f);
+        }
+    }
+    out.drain(..LATENCY_SAMPLES);
+    out.truncate(x.len());
+    out
+}
+
+/// Speech-to-background ratio (dB): power in the labelled speech frames over power in
+/// the pauses, skipping the first second (the denoiser's and the VAD's background
+/// estimates settle there). This is what a listener hears as "how far the background
+/// is below the talker" — the quantity ITU-T G.160 calls SNR, whose improvement (SNRI)
+/// it uses to rate noise reducers. Unlike segmental SNR over speech frames, it credits
+/// lowering the background between sentences, and it still punishes attenuating the
+/// talker (the numerator drops).
+fn speech_to_background_db(x: &[i16], labels: &[bool]) -> f64 {
+    let skip = 50;
+    let speech: Vec<usize> = (skip..labels.len()).filter(|&k| labels[k]).collect();
+    let pause: Vec<usize> = (skip..labels.len()).filter(|&k| !labels[k]).collect();
+    frames_dbfs(x, &speech) - frames_dbfs(x, &pause)
+}
+
+#[test]
+fn gate_lowers_the_background_between_sentences() {
+    // Required SNR improvement (dB) of denoise + gate on the conversational signal, per
+    // noise type at every SNR. Babble is the case the gate is for: RNNoise keeps it
+    // (speech-like), so without the gate the improvement is near zero.
+    let required = |noise: &str| -> f64 {
+        match noise {
+            "babble" => 3.5,
+            _ => 15.0,
+        }
+    };
+    let mut failures = Vec::new();
+    for set in [Set::Main, Set::Heldout] {
+        let c = conversational(&case_in(set));
+        println!("{set:?} set: noise  SNR  | speech/background in  denoised  +gate | SNRI denoised  +gate | segSNR gain +gate");
+        let speech_frames: Vec<usize> = (0..c.labels.len()).filter(|&k| c.labels[k]).collect();
+        for noise_name in NOISES {
+            let noise = read_wav_in(set, &format!("noise-{noise_name}.wav"));
+            for snr in SNRS {
+                let noisy = mix(&c.clean, &noise, &c.segs, snr);
+                let denoised = enhance(&noisy, false);
+                let gated = enhance(&noisy, true);
+                let sb_in = speech_to_background_db(&noisy, &c.labels);
+                let sb_d = speech_to_background_db(&denoised, &c.labels);
+                let sb_g = speech_to_background_db(&gated, &c.labels);
+                let seg_gain = seg_snr(&c.clean, &gated, &speech_frames)
+                    - seg_snr(&c.clean, &noisy, &speech_frames);
+                println!(
+                    "          {noise_name:7} {snr:3.0} | {sb_in:20.1} {sb_d:9.1} {sb_g:6.1} | {:13.1} {:6.1} | {seg_gain:+6.2}",
+                    sb_d - sb_in,
+                    sb_g - sb_in
+                );
+                // Asserted on the main set only: the held-out set is for reading how
+                // far the tuning carries (printed above).
+                if set == Set::Main && sb_g - sb_in < required(noise_name) {
+                    failures.push(format!(
+                        "{noise_name} @ {snr} dB: SNRI {:.1} dB",
+                        sb_g - sb_in
+                    ));
+                }
+                // Nor may it cost much where the talker is: the VAD's misses inside
+                // speech are attenuated too (about -0.5 dB for babble at 10 dB).
+                if set == Set::Main && seg_gain < -1.0 {
+                    failures.push(format!(
+                        "{noise_name} @ {snr} dB: segSNR gain with gate {seg_gain:.2} dB"
+                    ));
+                }
             }
         }
     }
-    // Clean speech: the only errors are the hangover frames after each utterance
-    // (3 × 6 by design) and the attack frame at each onset.
-    assert!(clean_acc >= 0.90, "clean accuracy {clean_acc:.3}");
     assert!(failures.is_empty(), "{failures:?}");
 }

@@ -31,8 +31,51 @@ pub fn fixture(name: &str) -> PathBuf {
     path
 }
 
+/// Directory of the held-out fixture set (other voices and sentences, made by
+/// `SET=heldout scripts/make-fixtures.sh` into the build's temp dir on first use, not
+/// committed). Figures on it show how much of the main set's accuracy came from
+/// tuning on the main set.
+pub fn heldout_dir() -> PathBuf {
+    static HELDOUT: Once = Once::new();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("media-core-heldout");
+    HELDOUT.call_once(|| {
+        if dir.join("speech.labels").exists() {
+            return;
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/make-fixtures.sh");
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&dir)
+            .env("SET", "heldout")
+            .status()
+            .expect("run make-fixtures.sh (needs espeak-ng and sox)");
+        assert!(status.success(), "make-fixtures.sh SET=heldout failed");
+    });
+    dir
+}
+
+/// A fixture set: the committed main set or the generated held-out one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Set {
+    Main,
+    Heldout,
+}
+
+impl Set {
+    fn path(self, name: &str) -> PathBuf {
+        match self {
+            Set::Main => fixture(name),
+            Set::Heldout => heldout_dir().join(name),
+        }
+    }
+}
+
 pub fn read_wav(name: &str) -> Vec<i16> {
-    let mut r = hound::WavReader::open(fixture(name)).expect("open fixture");
+    read_wav_in(Set::Main, name)
+}
+
+pub fn read_wav_in(set: Set, name: &str) -> Vec<i16> {
+    let mut r = hound::WavReader::open(set.path(name)).expect("open fixture");
     let spec = r.spec();
     assert_eq!(spec.sample_rate, 48_000, "{name}: 48 kHz expected");
     assert_eq!(spec.channels, 1, "{name}: mono expected");
@@ -44,7 +87,11 @@ pub fn read_wav(name: &str) -> Vec<i16> {
 
 /// Speech segments (start, end) in samples.
 pub fn read_labels() -> Vec<(usize, usize)> {
-    let text = std::fs::read_to_string(fixture("speech.labels")).expect("read labels");
+    read_labels_in(Set::Main)
+}
+
+pub fn read_labels_in(set: Set) -> Vec<(usize, usize)> {
+    let text = std::fs::read_to_string(set.path("speech.labels")).expect("read labels");
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
