@@ -1,5 +1,6 @@
 //! Server-side "enhanced audio" for one publisher: decode its Opus, suppress noise
-//! (RNNoise), decide speech (VAD), measure the level, and re-encode. The cost is paid
+//! (RNNoise), decide speech (VAD), lower what RNNoise kept of the background while the
+//! publisher is not speaking (the gate: babble), measure the level, and re-encode. The cost is paid
 //! once per publisher, never per subscriber: the re-encoded payload is shared by every
 //! forwarder. One packet in gives one packet out with the same sequence number and
 //! timestamp, so RTP numbering stays continuous.
@@ -7,6 +8,7 @@
 use std::sync::Arc;
 
 use chorus_media_core::denoise::Denoiser;
+use chorus_media_core::gate::Gate;
 use chorus_media_core::level::dbov_level;
 use chorus_media_core::opus::{EncoderConfig, OpusDecoder, OpusEncoder, FRAME_SAMPLES, MAX_PACKET};
 use chorus_media_core::vad::{Vad, VadConfig};
@@ -27,6 +29,7 @@ pub struct Enhancer {
     encoder: OpusEncoder,
     denoiser: Denoiser,
     vad: Vad,
+    gate: Gate,
     pcm: Vec<i16>,
     /// The decoded frame before denoising: the VAD judges what arrived (it keys on
     /// the noise floor, which denoising removes).
@@ -54,6 +57,7 @@ impl Enhancer {
             })?,
             denoiser: Denoiser::new(1.0),
             vad: Vad::new(VadConfig::default()),
+            gate: Gate::default(),
             pcm: vec![0; FRAME_SAMPLES],
             raw: vec![0; FRAME_SAMPLES],
             out: vec![0; MAX_PACKET],
@@ -82,6 +86,8 @@ impl Enhancer {
         self.raw.copy_from_slice(&self.pcm);
         let probability = self.denoiser.process(&mut self.pcm);
         let vad = self.vad.process(probability, &self.raw);
+        self.gate
+            .process(vad.speech || vad.voice_like, &mut self.pcm);
         let level = dbov_level(&self.pcm);
         let n = self.encoder.encode(&self.pcm, &mut self.out)?;
         Ok(Enhanced {
