@@ -2,6 +2,8 @@
 //! shell over a library crate; `dev` runs signaling and an SFU node in one process, still
 //! talking over the real QUIC control plane, so the fleet case is not a different path.
 
+mod config;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -23,6 +25,12 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "CHORUS_LOG_JSON")]
     log_json: bool,
+    /// Read settings from this TOML file. Keys are the subcommand's long flag names
+    /// without the leading "--" (listen = "0.0.0.0:3478", allow-loopback-peers = true,
+    /// user = ["ana:pw", "bo:pw"]); a [turn], [sfu], ... table holds keys for that
+    /// subcommand only. Flags and environment variables override the file.
+    #[arg(long, global = true, env = "CHORUS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -285,8 +293,13 @@ struct TokenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // The config file becomes extra flags before clap parses, so precedence and
+    // validation stay clap's: flag > environment variable > file > default.
+    let cli: Cli = config::parse();
     init_logging(cli.log_json);
+    if let Some(path) = &cli.config {
+        tracing::info!("settings from {}", path.display());
+    }
     // One process-wide TLS provider for HTTPS; QUIC configs pass theirs explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
