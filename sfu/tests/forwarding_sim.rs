@@ -678,18 +678,19 @@ fn labelled_snr(x: &[i16]) -> f64 {
     10.0 * ((ps - pn).max(1e-9) / pn.max(1e-9)).log10()
 }
 
-#[test]
-fn enhanced_audio_is_denoised_once_per_publisher_and_decodes_cleanly() {
+/// Publishes the speech fixture mixed with `noise` at `snr_db` through an enhanced
+/// publisher; returns the estimated SNR of the plain and the enhanced stream (both
+/// decoded, after checking the enhanced one decodes cleanly and was re-encoded).
+fn enhanced_through_sfu(noise_name: &str, snr_db: f64) -> (f64, f64) {
     use chorus_media_core::opus::{EncoderConfig, OpusDecoder, OpusEncoder};
 
-    // Speech with white noise at 5 dB SNR.
     let clean = read_fixture("speech.wav");
-    let noise = read_fixture("noise-white.wav");
+    let noise = read_fixture(&format!("noise-{noise_name}.wav"));
     let frames = clean.len() / 960;
     let clean = &clean[..frames * 960];
     let pc: f64 = clean.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / clean.len() as f64;
     let pn: f64 = noise.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / noise.len() as f64;
-    let k = (pc / pn / 10f64.powf(5.0 / 10.0)).sqrt();
+    let k = (pc / pn / 10f64.powf(snr_db / 10.0)).sqrt();
     let noisy: Vec<i16> = clean
         .iter()
         .enumerate()
@@ -751,9 +752,28 @@ fn enhanced_audio_is_denoised_once_per_publisher_and_decodes_cleanly() {
     );
     let snr_in = labelled_snr(&passthrough);
     let snr_out = labelled_snr(&enhanced);
-    eprintln!("estimated SNR through the codec: {snr_in:.1} dB plain, {snr_out:.1} dB enhanced");
+    eprintln!(
+        "{noise_name} noise: estimated SNR through the codec: {snr_in:.1} dB plain, {snr_out:.1} dB enhanced"
+    );
+    (snr_in, snr_out)
+}
+
+#[test]
+fn enhanced_audio_is_denoised_once_per_publisher_and_decodes_cleanly() {
+    let (snr_in, snr_out) = enhanced_through_sfu("white", 5.0);
     assert!(
         snr_out > snr_in + 6.0,
+        "enhanced {snr_out:.1} dB vs plain {snr_in:.1} dB"
+    );
+}
+
+#[test]
+fn enhanced_audio_lowers_babble_between_sentences() {
+    // RNNoise keeps babble (it is speech); the gate after the VAD lowers it in the
+    // pauses. Measured: 12.7 dB plain, 14.7 dB denoised only, 22.6 dB with the gate.
+    let (snr_in, snr_out) = enhanced_through_sfu("babble", 10.0);
+    assert!(
+        snr_out > snr_in + 5.0,
         "enhanced {snr_out:.1} dB vs plain {snr_in:.1} dB"
     );
 }
