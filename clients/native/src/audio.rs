@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use chorus_media_core::denoise::Denoiser;
+use chorus_media_core::gate::Gate as BackgroundGate;
 use chorus_media_core::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, PushOutcome};
 use chorus_media_core::level::dbov_level;
 use chorus_media_core::mixer::Mixer;
@@ -78,6 +79,10 @@ pub struct Capture {
     denoiser: Denoiser,
     vad: Vad,
     denoise: bool,
+    /// With noise suppression on, lowers what RNNoise keeps of the background (other
+    /// people talking) while the VAD says the user is silent; matters with the open
+    /// gate, where those frames are sent.
+    background: BackgroundGate,
     gate: Gate,
     ptt_down: bool,
     muted: bool,
@@ -104,6 +109,7 @@ impl Capture {
             denoiser: Denoiser::new(if denoise { 1.0 } else { 0.0 }),
             vad: Vad::default(),
             denoise,
+            background: BackgroundGate::default(),
             gate,
             ptt_down: false,
             muted: false,
@@ -148,7 +154,10 @@ impl Capture {
         if self.denoise || self.gate == Gate::Voice {
             let vad_input = *frame;
             let p = self.denoiser.process(frame);
-            self.vad.process(p, &vad_input);
+            let v = self.vad.process(p, &vad_input);
+            if self.denoise {
+                self.background.process(v.speech || v.voice_like, frame);
+            }
         }
         let speech = self.vad.is_speech();
         let open = !self.muted
