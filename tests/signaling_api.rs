@@ -621,3 +621,111 @@ async fn admins_can_turn_enhanced_audio_off_per_room() {
     c.send(&join_msg(admin_token("*"))).await.unwrap();
     expect_error(&mut c, ErrorCode::Forbidden).await;
 }
+
+/// Signaling alone (no node) keeping its chat and room settings in `data_dir`.
+async fn signaling_on(data_dir: &std::path::Path) -> Signaling {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Signaling::start(SignalingConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        api_keys: HashMap::from([("devkey".into(), "devsecret".into())]),
+        node_secret: NODE_SECRET.into(),
+        control_cert: None,
+        https: None,
+        dev_key: None,
+        reconnect_grace: Duration::from_secs(15),
+        ice_servers: vec![],
+        turn: None,
+        chat_db: Some(data_dir.join("chat.sqlite3")),
+        chat: Default::default(),
+        allow_enhanced_audio: true,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn room_settings_survive_a_signaling_restart_on_the_same_data_dir() {
+    let dir = std::env::temp_dir().join(format!(
+        "chorus-settings-restart-{}-{}",
+        std::process::id(),
+        now()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = admin_token("*");
+
+    let first = signaling_on(&dir).await;
+    let (st, body) = http(
+        first.http_addr,
+        "PATCH",
+        "/admin/rooms/quiet",
+        Some(&admin),
+        Some(r#"{"enhanced_audio":false}"#),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    // A room set and then put back to the default is forgotten.
+    for body in [r#"{"enhanced_audio":true}"#, r#"{"enhanced_audio":null}"#] {
+        let (st, body) = http(
+            first.http_addr,
+            "PATCH",
+            "/admin/rooms/fickle",
+            Some(&admin),
+            Some(body),
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    first.shutdown();
+    drop(first);
+
+    let s = signaling_on(&dir).await;
+    let addr = s.http_addr;
+    let (st, body) = http(addr, "GET", "/admin/rooms", Some(&admin), None).await;
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rooms = v["rooms"].as_array().unwrap();
+    assert_eq!(rooms.len(), 1, "{body}");
+    assert_eq!(rooms[0]["room"], "quiet");
+    assert_eq!(rooms[0]["settings"]["enhanced_audio"], false);
+    let (st, body) = http(addr, "GET", "/admin/rooms/quiet", Some(&admin), None).await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains(r#""enhanced_audio":false"#), "{body}");
+    assert_eq!(
+        http(addr, "GET", "/admin/rooms/fickle", Some(&admin), None)
+            .await
+            .0,
+        404
+    );
+
+    // The restored setting is enforced: enhanced audio is refused in that room.
+    let _node = start_node(&s, "node-a", NODE_SECRET).await;
+    wait_nodes(&s, 1).await;
+    let ws = format!("ws://{addr}/ws");
+    let (mut a, _) = SignalingClient::join(&ws, &token("quiet", "ana"))
+        .await
+        .unwrap();
+    a.send(&ClientMessage::Enhance { enabled: true })
+        .await
+        .unwrap();
+    expect_error(&mut a, ErrorCode::Forbidden).await;
+    let (mut b, _) = SignalingClient::join(&ws, &token("fickle", "bo"))
+        .await
+        .unwrap();
+    b.send(&ClientMessage::Enhance { enabled: true })
+        .await
+        .unwrap();
+    b.send(&ClientMessage::Ping { ts: 2.0 }).await.unwrap();
+    loop {
+        match b.recv_timeout(T).await.unwrap() {
+            Incoming::Message(ServerMessage::Pong { .. }) => break,
+            Incoming::Message(ServerMessage::Error { code, message }) => {
+                panic!("enhance refused in a default room: {code:?} {message}")
+            }
+            Incoming::Message(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

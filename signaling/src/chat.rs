@@ -107,7 +107,8 @@ impl ChatStore for MemoryStore {
     }
 }
 
-/// History in a SQLite file.
+/// History in a SQLite file. The same file keeps room settings
+/// (see [`crate::room_settings`]) in a table of their own.
 pub struct SqliteStore {
     conn: Mutex<rusqlite::Connection>,
 }
@@ -133,12 +134,14 @@ impl SqliteStore {
              CREATE INDEX IF NOT EXISTS chat_messages_room ON chat_messages(room, id);",
         )
         .context("initialising the chat store schema")?;
+        conn.execute_batch(crate::room_settings::SCHEMA)
+            .context("initialising the room settings schema")?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

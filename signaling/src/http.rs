@@ -282,6 +282,23 @@ async fn admin_patch_room(
             ))
         }
     };
-    Json(json!({"room": room, "settings": st.hub.update_room_settings(&room, settings)}))
-        .into_response()
+    // The update writes to SQLite when there is a data dir: keep it off the async
+    // workers.
+    let hub = st.hub.clone();
+    let name = room.clone();
+    let updated =
+        tokio::task::spawn_blocking(move || hub.update_room_settings(&name, settings)).await;
+    match updated {
+        Ok(Ok(settings)) => Json(json!({"room": room, "settings": settings})).into_response(),
+        Ok(Err(e)) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("could not save the room settings; nothing was changed: {e:#}"),
+        ),
+        Err(e) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("updating the room settings failed: {e}"),
+        ),
+    }
 }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::chat::{ChatBucket, ChatConfig, ChatStore};
+use crate::room_settings::RoomSettingsStore;
 use crate::token::Claims;
 use chorus_protocol::chat::{
     ChatClientFrame, ChatErrorCode, ChatServerFrame, Sender, MAX_CHAT_CHARS, MAX_REF_CHARS,
@@ -134,7 +135,8 @@ impl Participant {
 }
 
 /// Per-room settings an admin can change (`PATCH /admin/rooms/{room}`). They outlive
-/// the room's seats for as long as signaling runs.
+/// the room's seats: with a data dir they are kept in SQLite and survive restarts
+/// (see [`crate::room_settings`]); otherwise they last as long as signaling runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoomSettings {
     /// Whether participants may ask for server-side noise suppression; `None` follows the
@@ -178,6 +180,12 @@ pub struct Hub {
     config: HubConfig,
     state: Mutex<State>,
     chat: Arc<dyn ChatStore>,
+    /// Where room settings are written through to; `None` keeps them in memory only.
+    settings_store: Option<Arc<dyn RoomSettingsStore>>,
+    /// Serialises settings updates (store write, then memory) so two concurrent PATCHes
+    /// of one room cannot leave memory and the store disagreeing. Never taken while
+    /// holding `state`.
+    settings_write: Mutex<()>,
 }
 
 /// A successful join: the seat's id. The `joined` message is already queued on the
@@ -198,12 +206,43 @@ pub struct HubStats {
 }
 
 impl Hub {
+    /// A hub whose room settings live in memory only.
     pub fn new(config: HubConfig, chat: Arc<dyn ChatStore>) -> Arc<Self> {
+        Self::build(config, chat, None, HashMap::new())
+    }
+
+    /// A hub whose room settings are written through to `store`, starting with every
+    /// room settings row the store can read (unreadable rows are logged and skipped).
+    pub fn with_settings_store(
+        config: HubConfig,
+        chat: Arc<dyn ChatStore>,
+        store: Arc<dyn RoomSettingsStore>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let settings: HashMap<String, RoomSettings> = store
+            .load_all()?
+            .into_iter()
+            .filter(|(_, s)| *s != RoomSettings::default())
+            .collect();
+        if !settings.is_empty() {
+            info!(rooms = settings.len(), "loaded stored room settings");
+        }
+        Ok(Self::build(config, chat, Some(store), settings))
+    }
+
+    fn build(
+        config: HubConfig,
+        chat: Arc<dyn ChatStore>,
+        settings_store: Option<Arc<dyn RoomSettingsStore>>,
+        settings: HashMap<String, RoomSettings>,
+    ) -> Arc<Self> {
         Arc::new(Hub {
             config,
             chat,
+            settings_store,
+            settings_write: Mutex::new(()),
             state: Mutex::new(State {
                 next_id: 1,
+                settings,
                 ..Default::default()
             }),
         })
@@ -481,10 +520,38 @@ impl Hub {
     }
 
     /// Changes a room's settings; turning enhanced audio off stops it for everyone in
-    /// the room at once.
-    pub fn update_room_settings(&self, room: &str, settings: RoomSettings) -> RoomSettings {
+    /// the room at once. Settings equal to the default forget the room's entry.
+    ///
+    /// With a store, the store is written first and memory only changes when that
+    /// worked, so a failed write (returned as the error) leaves the room as it was and
+    /// memory never disagrees with what a restart would load. The SQLite write happens
+    /// outside the hub lock (joins, SDP relay and chat never wait on the disk for an
+    /// admin change); `settings_write` keeps write + memory update atomic with respect to
+    /// other updates. It is a blocking call: async callers should use `spawn_blocking`.
+    pub fn update_room_settings(
+        &self,
+        room: &str,
+        settings: RoomSettings,
+    ) -> anyhow::Result<RoomSettings> {
+        let _serial = self
+            .settings_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = &self.settings_store {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            store.put(room, &settings, now_ms).map_err(|e| {
+                warn!(room, "storing room settings failed: {e:#}");
+                e
+            })?;
+        }
         let mut st = self.lock();
-        st.settings.insert(room.to_string(), settings);
+        if settings == RoomSettings::default() {
+            st.settings.remove(room);
+        } else {
+            st.settings.insert(room.to_string(), settings);
+        }
         if settings.enhanced_audio == Some(false) {
             let ids: Vec<u64> = st
                 .participants
@@ -505,7 +572,7 @@ impl Hub {
                 }
             }
         }
-        settings
+        Ok(settings)
     }
 
     /// The client left on purpose.
@@ -1358,5 +1425,122 @@ mod chat_tests {
         assert_eq!(error_code(&f.chat_out()), Some(ChatErrorCode::ChatNotFound));
         // The history reflects the deletions.
         assert!(f.hub.chat_store().recent("room", 10).unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+    use crate::chat::MemoryStore;
+    use crate::room_settings::RoomSettingsStore;
+
+    /// A store that keeps rows in memory and can be told to fail.
+    #[derive(Default)]
+    struct FlakyStore {
+        rows: Mutex<HashMap<String, RoomSettings>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl RoomSettingsStore for FlakyStore {
+        fn load_all(&self) -> anyhow::Result<Vec<(String, RoomSettings)>> {
+            Ok(self.rows.lock().unwrap().clone().into_iter().collect())
+        }
+        fn put(&self, room: &str, s: &RoomSettings, _now_ms: u64) -> anyhow::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                anyhow::bail!("disk full");
+            }
+            let mut rows = self.rows.lock().unwrap();
+            if *s == RoomSettings::default() {
+                rows.remove(room);
+            } else {
+                rows.insert(room.to_string(), *s);
+            }
+            Ok(())
+        }
+    }
+
+    fn config() -> HubConfig {
+        HubConfig {
+            reconnect_grace: Duration::from_secs(15),
+            ice_servers: vec![],
+            turn: None,
+            chat: ChatConfig::default(),
+            allow_enhanced_audio: true,
+        }
+    }
+
+    fn hub(store: &Arc<FlakyStore>) -> Arc<Hub> {
+        Hub::with_settings_store(
+            config(),
+            Arc::new(MemoryStore::new(10)),
+            store.clone() as Arc<dyn RoomSettingsStore>,
+        )
+        .unwrap()
+    }
+
+    fn shown(hub: &Hub, room: &str) -> Option<RoomSettings> {
+        hub.rooms_overview(Some(room))
+            .into_iter()
+            .next()
+            .map(|o| o.settings)
+    }
+
+    const OFF: RoomSettings = RoomSettings {
+        enhanced_audio: Some(false),
+    };
+
+    #[test]
+    fn settings_are_written_through_and_loaded_by_the_next_hub() {
+        let store = Arc::new(FlakyStore::default());
+        let h = hub(&store);
+        h.update_room_settings("quiet", OFF).unwrap();
+        assert_eq!(store.rows.lock().unwrap().get("quiet"), Some(&OFF));
+        drop(h);
+        let h = hub(&store);
+        assert_eq!(shown(&h, "quiet"), Some(OFF));
+        // Back to the default: the row and the entry go.
+        h.update_room_settings("quiet", RoomSettings::default())
+            .unwrap();
+        assert!(store.rows.lock().unwrap().is_empty());
+        assert_eq!(shown(&h, "quiet"), None);
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let store = Arc::new(FlakyStore::default());
+        let h = hub(&store);
+        store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = h.update_room_settings("quiet", OFF).unwrap_err();
+        assert!(format!("{e:#}").contains("disk full"));
+        assert_eq!(shown(&h, "quiet"), None, "memory follows the store");
+        store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        h.update_room_settings("quiet", OFF).unwrap();
+        store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        h.update_room_settings("quiet", RoomSettings::default())
+            .unwrap_err();
+        assert_eq!(shown(&h, "quiet"), Some(OFF));
+    }
+
+    #[test]
+    fn a_sqlite_write_failure_is_an_error_and_memory_keeps_the_stored_value() {
+        let dir =
+            std::env::temp_dir().join(format!("chorus-hub-settings-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("chat.sqlite3");
+        let sqlite = Arc::new(crate::chat::SqliteStore::open(&path).unwrap());
+        let h = Hub::with_settings_store(config(), sqlite.clone(), sqlite).unwrap();
+        h.update_room_settings("quiet", OFF).unwrap();
+        // Someone breaks the database under a running signaling.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE room_settings;")
+            .unwrap();
+        let on = RoomSettings {
+            enhanced_audio: Some(true),
+        };
+        let e = h.update_room_settings("quiet", on).unwrap_err();
+        assert!(format!("{e:#}").contains("room_settings"), "{e:#}");
+        assert_eq!(shown(&h, "quiet"), Some(OFF));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

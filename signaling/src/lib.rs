@@ -9,6 +9,7 @@ pub mod chat;
 pub mod control;
 pub mod http;
 pub mod hub;
+pub mod room_settings;
 pub mod token;
 pub mod ws;
 
@@ -45,7 +46,8 @@ pub struct SignalingConfig {
     pub reconnect_grace: Duration,
     pub ice_servers: Vec<IceServer>,
     pub turn: Option<TurnRest>,
-    /// Where chat history is kept: a SQLite file, or memory when `None`.
+    /// Where chat history and room settings are kept: a SQLite file, or memory when
+    /// `None` (room settings then last as long as the process).
     pub chat_db: Option<PathBuf>,
     pub chat: chat::ChatConfig,
     /// Whether clients may ask for server-side noise suppression.
@@ -71,20 +73,25 @@ impl Signaling {
         if config.node_secret.len() < 8 {
             anyhow::bail!("the node secret must be at least 8 characters");
         }
-        let store: Arc<dyn chat::ChatStore> = match &config.chat_db {
-            Some(path) => Arc::new(chat::SqliteStore::open(path)?),
-            None => Arc::new(chat::MemoryStore::new(config.chat.history.max(1000))),
+        let hub_config = HubConfig {
+            reconnect_grace: config.reconnect_grace,
+            ice_servers: config.ice_servers.clone(),
+            turn: config.turn.clone(),
+            chat: config.chat.clone(),
+            allow_enhanced_audio: config.allow_enhanced_audio,
         };
-        let hub = Hub::new(
-            HubConfig {
-                reconnect_grace: config.reconnect_grace,
-                ice_servers: config.ice_servers.clone(),
-                turn: config.turn.clone(),
-                chat: config.chat.clone(),
-                allow_enhanced_audio: config.allow_enhanced_audio,
-            },
-            store,
-        );
+        // With a data dir, one SQLite file keeps chat history and room settings.
+        let hub = match &config.chat_db {
+            Some(path) => {
+                let sqlite = Arc::new(chat::SqliteStore::open(path)?);
+                Hub::with_settings_store(hub_config, sqlite.clone(), sqlite)
+                    .with_context(|| format!("loading room settings from {}", path.display()))?
+            }
+            None => Hub::new(
+                hub_config,
+                Arc::new(chat::MemoryStore::new(config.chat.history.max(1000))),
+            ),
+        };
 
         let identity = match &config.control_cert {
             Some((c, k)) => control::ControlIdentity::from_pem_files(c, k)?,
