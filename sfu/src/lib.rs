@@ -12,7 +12,6 @@ pub mod enhance;
 pub mod fasthash;
 pub mod metrics;
 pub mod node;
-pub mod udp;
 pub mod worker;
 
 pub use metrics::SfuMetrics;

@@ -22,8 +22,8 @@ use tracing::{error, info, warn};
 
 use crate::demux::is_rtp_media;
 use crate::metrics::SfuMetrics;
-use crate::udp::{enable_rx_timestamps, recv_batch, send_batch, RecvBatch, BATCH};
 use crate::worker::{Worker, WorkerConfig, WorkerStats};
+use chorus_netio::{enable_rx_timestamps, recv_batch, send_batch, RecvBatch, BATCH};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -1,18 +1,22 @@
-//! Batched datagram I/O for a worker socket.
+//! Batched UDP datagram I/O, shared by the SFU's workers and the TURN relay.
 //!
-//! A busy worker receives a few hundred datagrams per 20 ms and sends several times as
-//! many. One system call per datagram made entering and leaving the kernel a visible
-//! share of the SFU's CPU, so on Linux a batch of datagrams moves in one call:
-//! `recvmmsg` to read everything the socket has queued (up to [`BATCH`]) and `sendmmsg`
-//! to write everything a batch produced. Elsewhere the same functions loop over
-//! `recv_from` / `send_to`.
+//! A leaf crate (it depends on `libc` only) so that `sfu` and `turn` can both use it
+//! without depending on each other.
 //!
-//! Both functions are non-blocking and report `WouldBlock` like the std calls, so the
-//! shell can use them inside `tokio::net::UdpSocket::try_io`.
+//! A busy socket receives and sends thousands of small datagrams per second. One
+//! system call per datagram made entering and leaving the kernel a visible share of
+//! the CPU, so on Linux a batch of datagrams moves in one call: `recvmmsg` to read
+//! everything the socket has queued (up to [`BATCH`]) and `sendmmsg` to write
+//! everything a batch produced. Elsewhere the same functions loop over `recv_from` /
+//! `send_to`.
+//!
+//! Both functions are non-blocking and report `WouldBlock` like the std calls, so a
+//! tokio shell can use them inside `tokio::net::UdpSocket::try_io` (on a `try_clone`
+//! of the socket, or the same descriptor borrowed as a std socket).
 //!
 //! With [`enable_rx_timestamps`] each received datagram carries the time the kernel
-//! queued it, so the node's forwarding-time metric covers the wait in the socket
-//! queue too, not only the worker's own processing.
+//! queued it, so a caller can measure the wait in the socket queue too, not only its
+//! own processing.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,13 +25,20 @@ use std::time::Instant;
 /// Datagrams moved per system call.
 pub const BATCH: usize = 32;
 
-/// Receive buffer per datagram. Anything larger than a sane WebRTC datagram (they stay
-/// under the ~1200-byte MTU they negotiate) is truncated and then rejected by str0m.
+/// Default receive buffer per datagram ([`RecvBatch::default`]). Anything larger than a
+/// sane WebRTC datagram (they stay under the ~1200-byte MTU they negotiate) is
+/// truncated, and then rejected by str0m.
 pub const MAX_DATAGRAM: usize = 2048;
 
-/// Buffers for one batch of received datagrams, allocated once per worker.
+/// The largest UDP payload (IPv6 jumbograms aside): a [`RecvBatch`] with this capacity
+/// never truncates.
+pub const MAX_UDP_PAYLOAD: usize = 65536;
+
+/// Buffers for one batch of received datagrams, allocated once per socket reader.
 pub struct RecvBatch {
-    bufs: Box<[[u8; MAX_DATAGRAM]; BATCH]>,
+    /// `BATCH` slots of `cap` bytes each.
+    bufs: Box<[u8]>,
+    cap: usize,
     meta: [Meta; BATCH],
     count: usize,
 }
@@ -41,9 +52,21 @@ struct Meta {
 }
 
 impl Default for RecvBatch {
+    /// Room for [`BATCH`] datagrams of up to [`MAX_DATAGRAM`] bytes.
     fn default() -> Self {
+        RecvBatch::with_datagram_capacity(MAX_DATAGRAM)
+    }
+}
+
+impl RecvBatch {
+    /// Room for [`BATCH`] datagrams of up to `cap` bytes each; longer ones are
+    /// truncated to `cap`. [`MAX_UDP_PAYLOAD`] truncates nothing (the pages of a
+    /// large buffer are only touched as far as datagrams fill them).
+    pub fn with_datagram_capacity(cap: usize) -> Self {
+        let cap = cap.max(1);
         RecvBatch {
-            bufs: Box::new([[0; MAX_DATAGRAM]; BATCH]),
+            bufs: vec![0; cap * BATCH].into_boxed_slice(),
+            cap,
             meta: [Meta {
                 len: 0,
                 source: None,
@@ -52,16 +75,19 @@ impl Default for RecvBatch {
             count: 0,
         }
     }
-}
 
-impl RecvBatch {
+    /// The per-datagram capacity.
+    pub fn datagram_capacity(&self) -> usize {
+        self.cap
+    }
+
     /// The datagrams of the last successful [`recv_batch`]: source, bytes, and when
     /// the kernel received it (`None` without receive timestamps).
     /// Datagrams from an address family we do not speak are skipped.
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8], Option<Instant>)> + '_ {
         self.meta[..self.count]
             .iter()
-            .zip(self.bufs.iter())
+            .zip(self.bufs.chunks_exact(self.cap))
             .filter_map(|(m, buf)| Some((m.source?, &buf[..m.len], m.arrived)))
     }
 
@@ -103,7 +129,7 @@ pub fn enable_rx_timestamps(socket: &std::net::UdpSocket) -> io::Result<()> {
 
 #[cfg(target_os = "linux")]
 mod sys {
-    use super::{Meta, RecvBatch, BATCH, MAX_DATAGRAM};
+    use super::{Meta, RecvBatch, BATCH};
     use std::io;
     use std::mem::{size_of, zeroed};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -138,10 +164,11 @@ mod sys {
         let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let mut cmsgs = [[0u64; CMSG_WORDS]; BATCH];
-        for (i, buf) in batch.bufs.iter_mut().enumerate() {
+        let cap = batch.cap;
+        for (i, buf) in batch.bufs.chunks_exact_mut(cap).enumerate() {
             iov[i] = libc::iovec {
                 iov_base: buf.as_mut_ptr().cast(),
-                iov_len: MAX_DATAGRAM,
+                iov_len: cap,
             };
             let h = &mut msgs[i].msg_hdr;
             h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
@@ -175,7 +202,7 @@ mod sys {
             let arrived = rx_timestamp(&m.msg_hdr)
                 .map(|t| mono.checked_sub(wall.saturating_sub(t)).unwrap_or(mono));
             batch.meta[i] = Meta {
-                len: (m.msg_len as usize).min(MAX_DATAGRAM),
+                len: (m.msg_len as usize).min(cap),
                 source: from_sockaddr(&names[i]),
                 arrived,
             };
@@ -313,8 +340,9 @@ mod sys {
 
     pub fn recv_batch(socket: &std::net::UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
         let mut n = 0;
+        let cap = batch.cap;
         while n < BATCH {
-            match socket.recv_from(&mut batch.bufs[n]) {
+            match socket.recv_from(&mut batch.bufs[n * cap..(n + 1) * cap]) {
                 Ok((len, src)) => {
                     batch.meta[n] = Meta {
                         len,
@@ -412,6 +440,31 @@ mod tests {
         let e = recv_batch(&b, &mut batch).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn capacity_bounds_each_datagram() {
+        let (a, b) = pair();
+        let dest = b.local_addr().unwrap();
+        let big = vec![7u8; 9000];
+        assert_eq!(
+            send_batch(&a, &[(dest, &big[..]), (dest, &big[..10])]).unwrap(),
+            2
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A large batch keeps the whole datagram...
+        let mut batch = RecvBatch::with_datagram_capacity(MAX_UDP_PAYLOAD);
+        assert_eq!(batch.datagram_capacity(), MAX_UDP_PAYLOAD);
+        assert_eq!(recv_batch(&b, &mut batch).unwrap(), 2);
+        let lens: Vec<usize> = batch.iter().map(|(_, d, _)| d.len()).collect();
+        assert_eq!(lens, [9000, 10]);
+        // ...the default one truncates it to MAX_DATAGRAM.
+        send_batch(&a, &[(dest, &big[..])]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut batch = RecvBatch::default();
+        assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
+        let (_, data, _) = batch.iter().next().unwrap();
+        assert_eq!(data.len(), MAX_DATAGRAM);
     }
 
     #[test]
