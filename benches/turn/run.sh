@@ -3,7 +3,7 @@
 #
 # For each server: start it, run turnutils_uclient in client-to-client mode (-y)
 # through it, then report relayed packets/s, loss, and server CPU seconds per
-# relayed packet (utime+stime from /proc/PID/stat).
+# relayed packet (utime+stime from /proc/PID/stat, also split into user and kernel).
 #
 # Usage: benches/turn/run.sh [clients] [messages-per-client] [msg-length] [interval-ms]
 # Env:   CHORUS_TURN_BIN  command that starts our relay with `chorus turn` flags
@@ -33,8 +33,8 @@ if [ -z "${CHORUS_TURN_BIN:-}" ]; then
 fi
 
 CLK_TCK=$(getconf CLK_TCK)
-cpu_secs() { # utime+stime of a pid, in seconds
-  awk -v t="$CLK_TCK" '{ print ($14 + $15) / t }' "/proc/$1/stat"
+cpu_secs() { # "utime stime" of a pid, in seconds
+  awk -v t="$CLK_TCK" '{ print $14 / t, $15 / t }' "/proc/$1/stat"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -59,13 +59,16 @@ run_load() { # name pid port
   python3 - "$name" "$recv" "$lost" "$t0" "$t1" "$cpu0" "$cpu1" <<'EOF' | tee -a "$OUT"
 import sys
 name, recv, lost, t0, t1, c0, c1 = sys.argv[1:]
-recv = int(recv); dt = float(t1) - float(t0); cpu = float(c1) - float(c0)
+recv = int(recv); dt = float(t1) - float(t0)
+(u0, s0), (u1, s1) = [map(float, c.split()) for c in (c0, c1)]
+user, sys_ = u1 - u0, s1 - s0
+cpu = user + sys_
 relayed = 2 * recv
 n, pct = (lost.split() + ["?", "?"])[:2]
-per = cpu / relayed * 1e6 if relayed else float("nan")
+us = lambda x: x / relayed * 1e6 if relayed else float("nan")
 print(f"{name:8} recv={recv:8d} relayed_pkts={relayed:8d} wall={dt:6.2f}s "
       f"relayed/s={relayed/dt:9.0f} lost={n} ({pct}%) server_cpu={cpu:6.2f}s "
-      f"cpu_per_relayed_pkt={per:6.2f}us")
+      f"cpu_per_relayed_pkt={us(cpu):6.2f}us (user {us(user):.2f} + kernel {us(sys_):.2f})")
 EOF
   rm -f "$log"
 }

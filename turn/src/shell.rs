@@ -1,8 +1,12 @@
 //! Tokio I/O shell around [`crate::core::Server`].
 //!
 //! One task owns the server state; socket reader tasks feed it through a
-//! channel and it writes UDP output directly with non-blocking `try_send_to`.
+//! channel and it writes UDP output directly with non-blocking sends.
 //! Single ownership is what lets the relay path run without locks.
+//!
+//! The UDP listener, which carries every UDP client's traffic, moves datagrams
+//! in batches ([`chorus_netio`]: `recvmmsg` / `sendmmsg` on Linux); relay
+//! sockets each serve one allocation and are read and written per datagram.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +17,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use chorus_netio::{recv_batch, send_batch, RecvBatch, BATCH, MAX_UDP_PAYLOAD};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -63,7 +68,7 @@ enum Event {
     },
     StreamOpen {
         client: ClientAddr,
-        tx: mpsc::Sender<Vec<u8>>,
+        tx: mpsc::Sender<Bytes>,
     },
     StreamClosed {
         client: ClientAddr,
@@ -223,6 +228,10 @@ async fn setup(
     };
     let (udp, tcp) = bind_udp_tcp(args.listen).await?;
     let udp_addr = udp.local_addr()?;
+    // The batched calls work on a std handle of the listener; the tokio socket
+    // (same socket, duplicated descriptor) tells the core loop about readiness.
+    let udp_io = udp.try_clone().context("duplicating the UDP listener")?;
+    let udp = UdpSocket::from_std(udp)?;
     let tcp_addr = tcp.local_addr()?;
     let tls_listener = match args.tls_listen {
         Some(a) => Some(
@@ -285,7 +294,12 @@ async fn setup(
         events: ev_tx,
     };
     let serve = async move {
-        core_loop(server, relays, udp, udp_addr, ev_rx, stop_rx).await;
+        let listener = Listener {
+            sock: udp,
+            io: udp_io,
+            local: udp_addr,
+        };
+        core_loop(server, relays, listener, ev_rx, stop_rx).await;
         for t in tasks {
             let _ = t.await;
         }
@@ -303,11 +317,11 @@ async fn setup(
 }
 
 /// UDP and TCP share one address; with port 0 the TCP port follows UDP's.
-async fn bind_udp_tcp(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+async fn bind_udp_tcp(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, TcpListener)> {
     let mut last_err = None;
     for _ in 0..20 {
-        let udp =
-            bind_udp(addr, LISTENER_SOCKET_BUF).with_context(|| format!("binding UDP {addr}"))?;
+        let udp = bind_std_udp(addr, LISTENER_SOCKET_BUF)
+            .with_context(|| format!("binding UDP {addr}"))?;
         let bound = udp.local_addr()?;
         match TcpListener::bind(bound).await {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -409,7 +423,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     mut stop: watch::Receiver<bool>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(1024);
     if tx
         .send(Event::StreamOpen { client, tx: out_tx })
         .await
@@ -516,7 +530,7 @@ const LISTENER_SOCKET_BUF: usize = 4 << 20;
 const RELAY_SOCKET_BUF: usize = 2 << 20;
 
 /// Binds a non-blocking UDP socket with enlarged buffers.
-fn bind_udp(addr: SocketAddr, buf: usize) -> std::io::Result<UdpSocket> {
+fn bind_std_udp(addr: SocketAddr, buf: usize) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -528,11 +542,13 @@ fn bind_udp(addr: SocketAddr, buf: usize) -> std::io::Result<UdpSocket> {
     let _ = s.set_send_buffer_size(buf);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
 fn bind_port(ip: IpAddr, port: u16) -> Option<UdpSocket> {
-    bind_udp(SocketAddr::new(ip, port), RELAY_SOCKET_BUF).ok()
+    bind_std_udp(SocketAddr::new(ip, port), RELAY_SOCKET_BUF)
+        .and_then(UdpSocket::from_std)
+        .ok()
 }
 
 impl Relays {
@@ -572,23 +588,40 @@ async fn relay_reader(sock: Arc<UdpSocket>, relay: RelayId, tx: mpsc::Sender<Eve
     }
 }
 
+/// The UDP listener: the tokio socket for readiness, a std handle of the same
+/// socket for the batched calls.
+struct Listener {
+    sock: UdpSocket,
+    io: std::net::UdpSocket,
+    local: SocketAddr,
+}
+
+/// Listener receive batches per loop round: bounds the work done before the
+/// output is flushed and the other inputs get their turn.
+const LISTENER_BATCHES_PER_ROUND: usize = 2;
+
 /// The one task that owns the server state. It reads the main UDP listener
 /// itself (the hottest input) and everything else from the event channel.
 async fn core_loop(
     mut server: Server,
     mut relays: Relays,
-    udp: UdpSocket,
-    udp_local: SocketAddr,
+    udp: Listener,
     mut rx: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut out = Outbox::new();
-    let mut streams: HashMap<ClientAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    // Frames for TCP/TLS clients are copied out of this and handed to their
+    // writer tasks; it is reclaimed once they have written them, as in
+    // relay_reader, so stream output does not allocate per frame either.
+    let mut stream_buf = BytesMut::with_capacity(STREAM_OUT_CHUNK);
+    let mut streams: HashMap<ClientAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let metrics = server.metrics();
-    let mut rbuf = vec![0u8; 65536];
+    // Room for any UDP datagram, so nothing is truncated (pages are touched
+    // only as far as datagrams fill them).
+    let mut batch = RecvBatch::with_datagram_capacity(MAX_UDP_PAYLOAD);
     let client_of = |remote| ClientAddr {
         proto: Proto::Udp,
-        local: udp_local,
+        local: udp.local,
         remote,
     };
     let mut deadline = server.poll_timeout();
@@ -598,13 +631,8 @@ async fn core_loop(
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            r = udp.recv_from(&mut rbuf) => {
-                // Errors here are ICMP feedback for some earlier send; ignore.
-                if let Ok((n, from)) = r {
-                    let now = Instant::now();
-                    server.handle_client(client_of(from), &rbuf[..n], now, &mut relays, &mut out);
-                }
-            }
+            // Read below, with the rest of what is queued.
+            _ = udp.sock.readable() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
                 handle_event(&mut server, &mut relays, &mut streams, ev, Instant::now(), &mut out);
@@ -616,12 +644,22 @@ async fn core_loop(
         // Drain whatever is already queued before flushing, to batch work
         // (bounded so one busy source cannot starve the others).
         let now = Instant::now();
-        for _ in 0..64 {
-            match udp.try_recv_from(&mut rbuf) {
-                Ok((n, from)) => {
-                    server.handle_client(client_of(from), &rbuf[..n], now, &mut relays, &mut out)
+        for _ in 0..LISTENER_BATCHES_PER_ROUND {
+            match udp
+                .sock
+                .try_io(Interest::READABLE, || recv_batch(&udp.io, &mut batch))
+            {
+                Ok(n) => {
+                    for (from, data, _) in batch.iter() {
+                        server.handle_client(client_of(from), data, now, &mut relays, &mut out);
+                    }
+                    if n < BATCH {
+                        break;
+                    }
                 }
-                Err(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // ICMP feedback for some earlier send: consumed, try again.
+                Err(_) => {}
             }
         }
         for _ in 0..64 {
@@ -630,21 +668,7 @@ async fn core_loop(
                 Err(_) => break,
             }
         }
-        for (dest, data) in out.iter() {
-            let ok = match dest {
-                Dest::Client(c) if c.proto == Proto::Udp => udp.try_send_to(data, c.remote).is_ok(),
-                Dest::Client(c) => streams
-                    .get(&c)
-                    .is_some_and(|t| t.try_send(data.to_vec()).is_ok()),
-                Dest::Peer { relay, peer } => relays
-                    .live
-                    .get(&relay)
-                    .is_some_and(|r| r.sock.try_send_to(data, peer).is_ok()),
-            };
-            if !ok {
-                metrics.dropped_packets.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        flush(&out, &udp, &relays, &streams, &mut stream_buf, &metrics);
         out.clear();
         let next = server.poll_timeout();
         if next != deadline {
@@ -656,10 +680,89 @@ async fn core_loop(
     }
 }
 
+/// Size of the buffer stream output is copied into (see `core_loop`).
+const STREAM_OUT_CHUNK: usize = 256 << 10;
+
+/// Writes the core's output without waiting: datagrams to UDP clients in
+/// batches on the listener, datagrams to peers on their relay sockets, frames
+/// for TCP/TLS clients to their writer tasks. Whatever cannot go out at once
+/// (full socket buffer or queue, closed stream) is dropped and counted.
+fn flush(
+    out: &Outbox,
+    udp: &Listener,
+    relays: &Relays,
+    streams: &HashMap<ClientAddr, mpsc::Sender<Bytes>>,
+    stream_buf: &mut BytesMut,
+    metrics: &Metrics,
+) {
+    const NONE: (SocketAddr, &[u8]) = (
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+        &[],
+    );
+    let mut pending = [NONE; BATCH];
+    let mut n = 0;
+    let mut dropped = 0;
+    for (dest, data) in out.iter() {
+        let ok = match dest {
+            Dest::Client(c) if c.proto == Proto::Udp => {
+                if n == BATCH {
+                    dropped += send_listener_batch(udp, &pending[..n]);
+                    n = 0;
+                }
+                pending[n] = (c.remote, data);
+                n += 1;
+                true
+            }
+            Dest::Client(c) => streams.get(&c).is_some_and(|t| {
+                if stream_buf.capacity() < data.len() {
+                    stream_buf.reserve(STREAM_OUT_CHUNK.max(data.len()));
+                }
+                stream_buf.extend_from_slice(data);
+                t.try_send(stream_buf.split().freeze()).is_ok()
+            }),
+            Dest::Peer { relay, peer } => relays
+                .live
+                .get(&relay)
+                .is_some_and(|r| r.sock.try_send_to(data, peer).is_ok()),
+        };
+        if !ok {
+            dropped += 1;
+        }
+    }
+    dropped += send_listener_batch(udp, &pending[..n]);
+    if dropped > 0 {
+        metrics
+            .dropped_packets
+            .fetch_add(dropped, Ordering::Relaxed);
+    }
+}
+
+/// Sends `items` on the listener, each datagram tried once; returns how many
+/// could not be sent.
+fn send_listener_batch(udp: &Listener, items: &[(SocketAddr, &[u8])]) -> u64 {
+    let mut dropped = 0;
+    let mut i = 0;
+    while i < items.len() {
+        match udp
+            .sock
+            .try_io(Interest::WRITABLE, || send_batch(&udp.io, &items[i..]))
+        {
+            Ok(sent) => i += sent,
+            // The first datagram failed (full buffer, unreachable address...):
+            // drop it and carry on with the rest.
+            Err(_) => {
+                dropped += 1;
+                i += 1;
+            }
+        }
+    }
+    dropped
+}
+
 fn handle_event(
     server: &mut Server,
     relays: &mut Relays,
-    streams: &mut HashMap<ClientAddr, mpsc::Sender<Vec<u8>>>,
+    streams: &mut HashMap<ClientAddr, mpsc::Sender<Bytes>>,
     ev: Event,
     now: Instant,
     out: &mut Outbox,
