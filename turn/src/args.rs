@@ -76,6 +76,20 @@ pub struct TurnArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "CHORUS_TURN_METRICS")]
     pub metrics: Option<SocketAddr>,
+
+    /// Maximum concurrent TCP and TLS client connections; further connections are
+    /// closed at once (counted in chorus_turn_stream_rejected_total). Each holds a file
+    /// descriptor, as does each allocation's relay socket.
+    #[arg(long, env = "CHORUS_TURN_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub max_connections: usize,
+
+    /// A TCP/TLS client connection is closed after this long without a complete
+    /// STUN/TURN frame from the client (a live allocation is refreshed well within its
+    /// lifetime), and its first frame must arrive within 10 s or this, whichever is
+    /// shorter: idle and half-open connections cannot pile up.
+    #[arg(long, env = "CHORUS_TURN_IDLE_TIMEOUT", default_value = "10m",
+          value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
 }
 
 impl TurnArgs {
@@ -97,6 +111,8 @@ impl TurnArgs {
             total_quota: None,
             max_bps: None,
             metrics: None,
+            max_connections: 1000,
+            idle_timeout: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -126,6 +142,8 @@ mod tests {
         assert_eq!(c.turn.realm, d.realm);
         assert_eq!(c.turn.min_port, d.min_port);
         assert_eq!(c.turn.max_port, d.max_port);
+        assert_eq!(c.turn.max_connections, d.max_connections);
+        assert_eq!(c.turn.idle_timeout, d.idle_timeout);
         let c = Cli::parse_from([
             "x",
             "--user",

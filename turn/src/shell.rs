@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
@@ -263,9 +263,18 @@ async fn setup(
     let metrics = server.metrics();
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(8192);
 
+    let limits = StreamLimits {
+        max_connections: args.max_connections,
+        idle: args.idle_timeout.max(Duration::from_millis(100)),
+        first_frame: args
+            .idle_timeout
+            .clamp(Duration::from_millis(100), FIRST_FRAME_TIMEOUT),
+    };
     let mut tasks = vec![tokio::spawn(stream_acceptor(
         tcp,
         None,
+        limits,
+        metrics.clone(),
         ev_tx.clone(),
         stop_rx.clone(),
     ))];
@@ -273,6 +282,8 @@ async fn setup(
         tasks.push(tokio::spawn(stream_acceptor(
             l,
             Some(acc),
+            limits,
+            metrics.clone(),
             ev_tx.clone(),
             stop_rx.clone(),
         )));
@@ -359,15 +370,60 @@ fn load_tls(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Longest wait for a new TCP/TLS client's first complete frame (and for its TLS
+/// handshake): a real client sends its Allocate or Binding at once.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the "connection limit reached" warning may repeat.
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Limits on TCP/TLS client connections: each holds a task, buffers and a file
+/// descriptor, so neither their number nor their idle time may grow without bound.
+#[derive(Clone, Copy, Debug)]
+struct StreamLimits {
+    max_connections: usize,
+    idle: Duration,
+    first_frame: Duration,
+}
+
+/// Counts an open TCP/TLS connection in the metrics until dropped.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    /// Counts a new connection, or returns `None` when `max` are already open.
+    fn try_open(metrics: &Arc<Metrics>, max: usize) -> Option<Self> {
+        let open = &metrics.stream_connections;
+        let mut n = open.load(Ordering::Relaxed);
+        loop {
+            if n >= max as u64 {
+                return None;
+            }
+            match open.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(OpenConnection(metrics.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stream_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn stream_acceptor(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: StreamLimits,
+    metrics: Arc<Metrics>,
     tx: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Ok(local) = listener.local_addr() else {
         return;
     };
+    let mut last_limit_warning: Option<Instant> = None;
     loop {
         let (sock, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -380,11 +436,28 @@ async fn stream_acceptor(
             },
             _ = stop.changed() => return,
         };
+        let Some(open) = OpenConnection::try_open(&metrics, limits.max_connections) else {
+            // Closing is the only answer TCP allows before the client has said
+            // anything; the log and the metric tell the operator why.
+            metrics.stream_rejected.fetch_add(1, Ordering::Relaxed);
+            drop(sock);
+            if last_limit_warning.is_none_or(|t| t.elapsed() >= LIMIT_WARN_EVERY) {
+                last_limit_warning = Some(Instant::now());
+                tracing::warn!(
+                    %remote,
+                    max = limits.max_connections,
+                    "TURN TCP/TLS connection limit reached (--max-connections); closing new connections"
+                );
+            }
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let tx = tx.clone();
         let stop = stop.clone();
         let tls = tls.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _open = open;
             match tls {
                 None => {
                     let client = ClientAddr {
@@ -392,12 +465,10 @@ async fn stream_acceptor(
                         local,
                         remote,
                     };
-                    serve_stream(sock, client, tx, stop).await
+                    serve_stream(sock, client, limits, &metrics, tx, stop).await
                 }
                 Some(acc) => {
-                    let hs =
-                        tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock))
-                            .await;
+                    let hs = tokio::time::timeout(limits.first_frame, acc.accept(sock)).await;
                     let Ok(Ok(s)) = hs else {
                         tracing::debug!(%remote, "TLS handshake failed");
                         return;
@@ -407,7 +478,7 @@ async fn stream_acceptor(
                         local,
                         remote,
                     };
-                    serve_stream(s, client, tx, stop).await
+                    serve_stream(s, client, limits, &metrics, tx, stop).await
                 }
             }
         });
@@ -419,6 +490,8 @@ async fn stream_acceptor(
 async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     client: ClientAddr,
+    limits: StreamLimits,
+    metrics: &Metrics,
     tx: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -441,6 +514,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     }));
     // Frames are split off the read buffer without copying (see relay_reader).
     let mut buf = BytesMut::with_capacity(256 << 10);
+    // Bytes that never complete a frame do not count as activity: a client dribbling
+    // a byte at a time is as idle as one that sends nothing.
+    let mut idle_deadline = tokio::time::Instant::now() + limits.first_frame;
     'outer: loop {
         if buf.capacity() - buf.len() < 16 << 10 {
             buf.reserve(64 << 10);
@@ -450,11 +526,17 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                metrics.stream_idle_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(remote = %client.remote, "closing idle TURN TCP/TLS connection");
+                break;
+            }
             _ = stop.changed() => break,
         };
         loop {
             match stun::stream_frame_len(&buf) {
                 Ok(Some(len)) => {
+                    idle_deadline = tokio::time::Instant::now() + limits.idle;
                     let data = buf.split_to(len).freeze();
                     if tx.send(Event::Client { client, data }).await.is_err() {
                         break 'outer;
@@ -827,7 +909,7 @@ async fn serve_metrics(mut sock: TcpStream, m: &Metrics) -> std::io::Result<()> 
 /// Prometheus text exposition of the relay counters.
 pub fn render_metrics(m: &Metrics) -> String {
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 8] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         (
             "chorus_turn_allocations",
             "gauge",
@@ -875,6 +957,24 @@ pub fn render_metrics(m: &Metrics) -> String {
             "counter",
             "Error responses sent.",
             g(&m.error_responses),
+        ),
+        (
+            "chorus_turn_stream_connections",
+            "gauge",
+            "Open TCP and TLS client connections.",
+            g(&m.stream_connections),
+        ),
+        (
+            "chorus_turn_stream_rejected_total",
+            "counter",
+            "TCP/TLS connections closed at once because --max-connections were open.",
+            g(&m.stream_rejected),
+        ),
+        (
+            "chorus_turn_stream_idle_closed_total",
+            "counter",
+            "TCP/TLS connections closed after --idle-timeout without a complete frame.",
+            g(&m.stream_idle_closed),
         ),
     ];
     let mut s = String::new();

@@ -182,3 +182,115 @@ async fn bad_config_is_an_error() {
     a.relay_ip = "0.0.0.0".parse().unwrap();
     assert!(run(a, async {}).await.is_err());
 }
+
+/// A Binding request over a stream; true if the success response comes back.
+async fn stream_binding(s: &mut TcpStream, tid: u8) -> bool {
+    let mut b = Vec::new();
+    Writer::new(&mut b, method::BINDING, Class::Request, &[tid; 12]).fingerprint();
+    if s.write_all(&b).await.is_err() {
+        return false;
+    }
+    match tokio::time::timeout(Duration::from_secs(5), read_frame_or_eof(s)).await {
+        Ok(Some(r)) => Message::parse(&r).is_ok_and(|m| m.class == Class::Success),
+        _ => false,
+    }
+}
+
+/// Like `read_frame`, but `None` when the server closed the connection.
+async fn read_frame_or_eof(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut hdr = [0u8; 4];
+    s.read_exact(&mut hdr).await.ok()?;
+    let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let mut v = hdr.to_vec();
+    v.resize(4 + 16 + len, 0);
+    s.read_exact(&mut v[4..]).await.ok()?;
+    Some(v)
+}
+
+/// True once the server has closed `s` (EOF or reset), within `within`.
+async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn idle_and_silent_stream_connections_are_closed() {
+    let mut a = args();
+    a.idle_timeout = Duration::from_millis(600);
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = run(a, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+
+    // Says nothing: closed after the first-frame wait (here the idle timeout).
+    let mut silent = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    // Dribbles half a STUN header and stops: partial frames are not activity.
+    let mut dribbler = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    dribbler.write_all(&[0, 1, 0]).await.unwrap();
+    // Talks every 200 ms: stays open well past the timeout.
+    let mut busy = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    for i in 0..8 {
+        assert!(
+            stream_binding(&mut busy, i).await,
+            "busy connection answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(closed_by_server(&mut silent, Duration::from_secs(5)).await);
+    assert!(closed_by_server(&mut dribbler, Duration::from_secs(5)).await);
+    // Then idle: closed too.
+    assert!(closed_by_server(&mut busy, Duration::from_secs(5)).await);
+    assert_eq!(
+        srv.metrics()
+            .stream_idle_closed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_and_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut a = args();
+    a.max_connections = 2;
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = run(a, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    let m = srv.metrics();
+
+    let mut first = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    let mut second = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    assert!(stream_binding(&mut first, 1).await);
+    assert!(stream_binding(&mut second, 2).await);
+    assert_eq!(m.stream_connections.load(Relaxed), 2);
+
+    let mut third = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    assert!(closed_by_server(&mut third, Duration::from_secs(5)).await);
+    assert_eq!(m.stream_rejected.load(Relaxed), 1);
+    // The rejection did not disturb the open ones.
+    assert!(stream_binding(&mut first, 3).await);
+
+    // A freed slot is usable again.
+    drop(second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while m.stream_connections.load(Relaxed) > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "slot not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fourth = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    assert!(stream_binding(&mut fourth, 4).await);
+    let text = http_get(srv.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        text.contains("chorus_turn_stream_rejected_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("chorus_turn_stream_connections 2"), "{text}");
+}

@@ -143,6 +143,12 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub requests: AtomicU64,
     pub error_responses: AtomicU64,
+    /// Open TCP/TLS client connections (kept by the shell).
+    pub stream_connections: AtomicU64,
+    /// TCP/TLS connections closed at once because --max-connections were open.
+    pub stream_rejected: AtomicU64,
+    /// TCP/TLS connections closed for idling (see --idle-timeout).
+    pub stream_idle_closed: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
