@@ -211,7 +211,16 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match rt.block_on(run(args)) {
+    // Ctrl-C drops the run instead of killing the process where it stands, so the
+    // servers it started are stopped and Janus's temporary config directory removed
+    // by their Drop.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; servers stopped")),
+        }
+    });
+    match outcome {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
