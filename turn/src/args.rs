@@ -38,6 +38,13 @@ pub struct TurnArgs {
     #[arg(long, env = "CHORUS_TURN_RELAY_IP", default_value = "127.0.0.1")]
     pub relay_ip: IpAddr,
 
+    /// Address told to clients as XOR-RELAYED-ADDRESS when --relay-ip is a private
+    /// address behind 1:1 NAT (cloud VMs with a public IP that is not on the
+    /// interface): relay sockets bind to --relay-ip, clients and their peers are told
+    /// this one. Same address family as --relay-ip. Default: --relay-ip.
+    #[arg(long, env = "CHORUS_TURN_EXTERNAL_IP")]
+    pub external_ip: Option<IpAddr>,
+
     /// Lowest UDP port used for relay allocations.
     #[arg(long, env = "CHORUS_TURN_MIN_PORT", default_value_t = 49152)]
     pub min_port: u16,
@@ -103,6 +110,7 @@ impl TurnArgs {
             realm: "chorus".into(),
             auth_secret: None,
             relay_ip: [127, 0, 0, 1].into(),
+            external_ip: None,
             min_port: 49152,
             max_port: 65535,
             allow_loopback_peers: false,

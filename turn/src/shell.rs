@@ -102,6 +102,14 @@ pub fn config_from_args(args: &TurnArgs) -> anyhow::Result<core::Config> {
             args.relay_ip
         );
     }
+    if let Some(ext) = args.external_ip {
+        if ext.is_unspecified() || ext.is_ipv4() != args.relay_ip.is_ipv4() {
+            bail!(
+                "--external-ip {ext} must be a concrete address of the same family as --relay-ip {}",
+                args.relay_ip
+            );
+        }
+    }
     if args.min_port > args.max_port {
         bail!(
             "--min-port {} is above --max-port {}",
@@ -297,6 +305,7 @@ async fn setup(
     }
     let relays = Relays {
         ip: args.relay_ip,
+        advertised: args.external_ip.unwrap_or(args.relay_ip),
         min: args.min_port,
         max: args.max_port,
         cursor: rand::random::<u16>(),
@@ -559,7 +568,11 @@ struct RelaySock {
 
 /// Binds relay sockets in the configured port range.
 struct Relays {
+    /// Where relay sockets bind.
     ip: IpAddr,
+    /// What clients are told (XOR-RELAYED-ADDRESS): `ip`, or --external-ip behind 1:1
+    /// NAT.
+    advertised: IpAddr,
     min: u16,
     max: u16,
     cursor: u16,
@@ -646,7 +659,7 @@ impl Relays {
                 _reader: AbortOnDrop(reader),
             },
         );
-        (id, SocketAddr::new(self.ip, port))
+        (id, SocketAddr::new(self.advertised, port))
     }
 }
 

@@ -294,3 +294,74 @@ async fn connections_over_the_limit_are_closed_and_counted() {
     );
     assert!(text.contains("chorus_turn_stream_connections 2"), "{text}");
 }
+
+#[tokio::test]
+async fn external_ip_is_advertised_while_relay_sockets_bind_the_private_one() {
+    // 1:1 NAT as on a cloud VM: sockets on the private address (127.0.0.1 here),
+    // clients told the public one (127.0.0.2 stands in for it).
+    let mut a = args();
+    let public: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    a.external_ip = Some(public);
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = run(a, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+
+    let mut tcp = TcpStream::connect(srv.tcp_addr).await.unwrap();
+    let alloc = |nonce: Option<&str>, tid: u8| {
+        let mut b = Vec::new();
+        let mut w = Writer::new(&mut b, method::ALLOCATE, Class::Request, &[tid; 12]);
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        if let Some(n) = nonce {
+            w.attr(attr::USERNAME, b"u");
+            w.attr(attr::REALM, b"chorus");
+            w.attr(attr::NONCE, n.as_bytes());
+            w.integrity(&long_term_key("u", "chorus", "p"));
+        }
+        b
+    };
+    tcp.write_all(&alloc(None, 1)).await.unwrap();
+    let r = read_frame(&mut tcp).await;
+    let m = Message::parse(&r).unwrap();
+    let nonce = m.get_str(attr::NONCE).unwrap().unwrap().to_string();
+    tcp.write_all(&alloc(Some(&nonce), 2)).await.unwrap();
+    let r = read_frame(&mut tcp).await;
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(m.class, Class::Success);
+    let relayed = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert_eq!(
+        relayed.ip(),
+        public,
+        "clients are told the external address"
+    );
+
+    // The socket itself is on the private address: a peer reaching it there (as the
+    // NAT would deliver) is relayed to the client.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut b = Vec::new();
+    let mut w = Writer::new(&mut b, method::CREATE_PERMISSION, Class::Request, &[3; 12]);
+    w.xor_addr(attr::XOR_PEER_ADDRESS, peer.local_addr().unwrap());
+    w.attr(attr::USERNAME, b"u");
+    w.attr(attr::REALM, b"chorus");
+    w.attr(attr::NONCE, nonce.as_bytes());
+    w.integrity(&long_term_key("u", "chorus", "p"));
+    tcp.write_all(&b).await.unwrap();
+    assert_eq!(
+        Message::parse(&read_frame(&mut tcp).await).unwrap().class,
+        Class::Success
+    );
+    let private = SocketAddr::new(srv.relay_ip, relayed.port());
+    peer.send_to(b"via-nat", private).await.unwrap();
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut tcp))
+        .await
+        .unwrap();
+    let m = Message::parse(&f).unwrap();
+    assert_eq!(m.get(attr::DATA), Some(&b"via-nat"[..]));
+
+    // A mismatched family is refused at startup.
+    let mut bad = args();
+    bad.external_ip = Some("::1".parse().unwrap());
+    assert!(chorus_turn::config_from_args(&bad).is_err());
+}
