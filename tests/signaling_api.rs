@@ -20,9 +20,11 @@ struct Stack {
     ws: String,
 }
 
-async fn stack_with(nodes: usize, grace: Duration) -> Stack {
+/// Signaling on loopback ports with the dev API key; chat and room settings in
+/// `chat_db` (SQLite) or in memory.
+async fn start_signaling(grace: Duration, chat_db: Option<std::path::PathBuf>) -> Signaling {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sig = Signaling::start(SignalingConfig {
+    Signaling::start(SignalingConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         control_listen: "127.0.0.1:0".parse().unwrap(),
         api_keys: HashMap::from([("devkey".into(), "devsecret".into())]),
@@ -33,12 +35,16 @@ async fn stack_with(nodes: usize, grace: Duration) -> Stack {
         reconnect_grace: grace,
         ice_servers: vec![],
         turn: None,
-        chat_db: None,
+        chat_db,
         chat: Default::default(),
         allow_enhanced_audio: true,
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn stack_with(nodes: usize, grace: Duration) -> Stack {
+    let sig = start_signaling(grace, None).await;
     let node = if nodes > 0 {
         Some(start_node(&sig, "node-a", NODE_SECRET).await)
     } else {
@@ -624,24 +630,7 @@ async fn admins_can_turn_enhanced_audio_off_per_room() {
 
 /// Signaling alone (no node) keeping its chat and room settings in `data_dir`.
 async fn signaling_on(data_dir: &std::path::Path) -> Signaling {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Signaling::start(SignalingConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_listen: "127.0.0.1:0".parse().unwrap(),
-        api_keys: HashMap::from([("devkey".into(), "devsecret".into())]),
-        node_secret: NODE_SECRET.into(),
-        control_cert: None,
-        https: None,
-        dev_key: None,
-        reconnect_grace: Duration::from_secs(15),
-        ice_servers: vec![],
-        turn: None,
-        chat_db: Some(data_dir.join("chat.sqlite3")),
-        chat: Default::default(),
-        allow_enhanced_audio: true,
-    })
-    .await
-    .unwrap()
+    start_signaling(Duration::from_secs(15), Some(data_dir.join("chat.sqlite3"))).await
 }
 
 #[tokio::test]
