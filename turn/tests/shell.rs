@@ -35,6 +35,21 @@ async fn read_frame(s: &mut TcpStream) -> Vec<u8> {
     v
 }
 
+/// A UDP Allocate for the static user u:p; unauthenticated without a nonce (the
+/// server then answers 401 with one).
+fn allocate_request(nonce: Option<&str>, tid: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    let mut w = Writer::new(&mut b, method::ALLOCATE, Class::Request, &[tid; 12]);
+    w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    if let Some(n) = nonce {
+        w.attr(attr::USERNAME, b"u");
+        w.attr(attr::REALM, b"chorus");
+        w.attr(attr::NONCE, n.as_bytes());
+        w.integrity(&long_term_key("u", "chorus", "p"));
+    }
+    b
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -74,19 +89,7 @@ async fn udp_binding_tcp_relay_metrics_and_shutdown() {
 
     // TCP Allocate: 401 with nonce, then authenticated.
     let mut tcp = TcpStream::connect(srv.tcp_addr).await.unwrap();
-    let alloc = |nonce: Option<&str>, tid: u8| {
-        let mut b = Vec::new();
-        let mut w = Writer::new(&mut b, method::ALLOCATE, Class::Request, &[tid; 12]);
-        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-        if let Some(n) = nonce {
-            w.attr(attr::USERNAME, b"u");
-            w.attr(attr::REALM, b"chorus");
-            w.attr(attr::NONCE, n.as_bytes());
-            w.integrity(&long_term_key("u", "chorus", "p"));
-        }
-        b
-    };
-    tcp.write_all(&alloc(None, 2)).await.unwrap();
+    tcp.write_all(&allocate_request(None, 2)).await.unwrap();
     let r = read_frame(&mut tcp).await;
     let m = Message::parse(&r).unwrap();
     assert_eq!(
@@ -97,7 +100,9 @@ async fn udp_binding_tcp_relay_metrics_and_shutdown() {
         401
     );
     let nonce = m.get_str(attr::NONCE).unwrap().unwrap().to_string();
-    tcp.write_all(&alloc(Some(&nonce), 3)).await.unwrap();
+    tcp.write_all(&allocate_request(Some(&nonce), 3))
+        .await
+        .unwrap();
     let r = read_frame(&mut tcp).await;
     let m = Message::parse(&r).unwrap();
     assert_eq!(m.class, Class::Success);
@@ -310,23 +315,13 @@ async fn external_ip_is_advertised_while_relay_sockets_bind_the_private_one() {
     .unwrap();
 
     let mut tcp = TcpStream::connect(srv.tcp_addr).await.unwrap();
-    let alloc = |nonce: Option<&str>, tid: u8| {
-        let mut b = Vec::new();
-        let mut w = Writer::new(&mut b, method::ALLOCATE, Class::Request, &[tid; 12]);
-        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-        if let Some(n) = nonce {
-            w.attr(attr::USERNAME, b"u");
-            w.attr(attr::REALM, b"chorus");
-            w.attr(attr::NONCE, n.as_bytes());
-            w.integrity(&long_term_key("u", "chorus", "p"));
-        }
-        b
-    };
-    tcp.write_all(&alloc(None, 1)).await.unwrap();
+    tcp.write_all(&allocate_request(None, 1)).await.unwrap();
     let r = read_frame(&mut tcp).await;
     let m = Message::parse(&r).unwrap();
     let nonce = m.get_str(attr::NONCE).unwrap().unwrap().to_string();
-    tcp.write_all(&alloc(Some(&nonce), 2)).await.unwrap();
+    tcp.write_all(&allocate_request(Some(&nonce), 2))
+        .await
+        .unwrap();
     let r = read_frame(&mut tcp).await;
     let m = Message::parse(&r).unwrap();
     assert_eq!(m.class, Class::Success);
