@@ -35,6 +35,17 @@ async fn read_frame(s: &mut TcpStream) -> Vec<u8> {
     v
 }
 
+/// Starts the relay; it runs until the returned sender is dropped or fired.
+async fn start(a: TurnArgs) -> (chorus_turn::RunningTurn, tokio::sync::oneshot::Sender<()>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = run(a, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    (srv, stop_tx)
+}
+
 /// A UDP Allocate for the static user u:p; unauthenticated without a nonce (the
 /// server then answers 401 with one).
 fn allocate_request(nonce: Option<&str>, tid: u8) -> Vec<u8> {
@@ -225,12 +236,7 @@ async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
 async fn idle_and_silent_stream_connections_are_closed() {
     let mut a = args();
     a.idle_timeout = Duration::from_millis(600);
-    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = run(a, async {
-        let _ = stop_rx.await;
-    })
-    .await
-    .unwrap();
+    let (srv, _stop) = start(a).await;
 
     // Says nothing: closed after the first-frame wait (here the idle timeout).
     let mut silent = TcpStream::connect(srv.tcp_addr).await.unwrap();
@@ -263,12 +269,7 @@ async fn connections_over_the_limit_are_closed_and_counted() {
     use std::sync::atomic::Ordering::Relaxed;
     let mut a = args();
     a.max_connections = 2;
-    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = run(a, async {
-        let _ = stop_rx.await;
-    })
-    .await
-    .unwrap();
+    let (srv, _stop) = start(a).await;
     let m = srv.metrics();
 
     let mut first = TcpStream::connect(srv.tcp_addr).await.unwrap();
@@ -307,12 +308,7 @@ async fn external_ip_is_advertised_while_relay_sockets_bind_the_private_one() {
     let mut a = args();
     let public: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     a.external_ip = Some(public);
-    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = run(a, async {
-        let _ = stop_rx.await;
-    })
-    .await
-    .unwrap();
+    let (srv, _stop) = start(a).await;
 
     let mut tcp = TcpStream::connect(srv.tcp_addr).await.unwrap();
     tcp.write_all(&allocate_request(None, 1)).await.unwrap();
