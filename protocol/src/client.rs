@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::track::{Quality, SourceSet, TrackDecl, TrackInfo, TrackSource};
+
 /// What a token allows. Every field defaults to `false` when absent from a token, except
 /// where [`Grants::default_participant`] is used to mint one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -12,6 +14,9 @@ pub struct Grants {
     pub subscribe: bool,
     pub publish_data: bool,
     pub admin: bool,
+    /// Which sources `publish` covers; absent = all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can_publish_sources: Option<SourceSet>,
 }
 
 impl Grants {
@@ -23,7 +28,13 @@ impl Grants {
             subscribe: true,
             publish_data: true,
             admin: false,
+            can_publish_sources: None,
         }
+    }
+
+    /// Whether this token may publish a track from `source`.
+    pub fn may_publish(&self, source: TrackSource) -> bool {
+        self.publish && self.can_publish_sources.is_none_or(|s| s.contains(source))
     }
 }
 
@@ -41,6 +52,9 @@ pub struct ParticipantInfo {
     pub speaking: bool,
     /// True while the participant publishes audio.
     pub publishing: bool,
+    /// Every track the participant publishes (protocol 2; empty for protocol 1 clients).
+    #[serde(default)]
+    pub tracks: Vec<TrackInfo>,
 }
 
 /// An ICE server as `RTCPeerConnection` takes it.
@@ -83,8 +97,14 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         protocol: Option<u32>,
     },
-    /// SDP offer from the client (its first offer publishes the microphone).
-    Offer { sdp: String },
+    /// SDP offer from the client: its first offer, and (protocol 2) each later one that
+    /// publishes or unpublishes a track. `tracks` names the source of sending m-sections;
+    /// an undeclared one is a microphone (audio) or a camera (video).
+    Offer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tracks: Vec<TrackDecl>,
+    },
     /// SDP answer to an offer the server sent.
     Answer { sdp: String },
     /// Trickle ICE from the client. An empty `candidate` string means end of candidates.
@@ -93,6 +113,12 @@ pub enum ClientMessage {
     Mute { muted: bool },
     /// Ask for (or stop) server-side noise suppression of the client's microphone.
     Enhance { enabled: bool },
+    /// The most this client wants of another participant's video track (protocol 2):
+    /// `off` stops it, `low`/`medium`/`high` cap its simulcast layer.
+    UpdateSubscription {
+        track_sid: String,
+        max_quality: Quality,
+    },
     /// Keep-alive; answered by `pong` with the same `ts`.
     Ping {
         #[serde(default)]
@@ -150,6 +176,12 @@ pub enum ServerMessage {
     DominantSpeaker {
         sid: Option<String>,
     },
+    /// The layer this client receives of a video track changed (protocol 2): `off` while
+    /// nothing is forwarded (capped off, or waiting for the first keyframe).
+    TrackQuality {
+        track_sid: String,
+        quality: Quality,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -191,6 +223,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The protocol version is not supported.
     UnsupportedProtocol,
+    /// `update_subscription` named a track that is not published in the room.
+    UnknownTrack,
     /// Something failed on the server side.
     Internal,
 }
@@ -210,6 +244,7 @@ impl ErrorCode {
             ErrorCode::NoMediaNode => "no_media_node",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::UnknownTrack => "unknown_track",
             ErrorCode::Internal => "internal",
         }
     }
@@ -279,6 +314,7 @@ mod tests {
             muted: false,
             speaking: true,
             publishing: true,
+            tracks: Vec::new(),
         };
         let u = serde_json::to_value(ServerMessage::ParticipantUpdated { participant: p }).unwrap();
         assert_eq!(u["type"], "participant_updated");
@@ -300,6 +336,7 @@ mod tests {
             ErrorCode::NoMediaNode,
             ErrorCode::RateLimited,
             ErrorCode::UnsupportedProtocol,
+            ErrorCode::UnknownTrack,
             ErrorCode::Internal,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::track::{Quality, TrackDecl, TrackInfo};
+
 /// Messages from signaling to a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -26,9 +28,18 @@ pub enum ToNode {
         name: String,
         publish: bool,
         subscribe: bool,
+        /// Offer this participant other participants' video (a protocol 2 client).
+        #[serde(default)]
+        video: bool,
     },
-    /// The client's SDP offer for `participant`.
-    ClientOffer { participant: u64, sdp: String },
+    /// The client's SDP offer for `participant`. `tracks` gives the source of every
+    /// sending m-section (signaling resolved defaults and checked the grants).
+    ClientOffer {
+        participant: u64,
+        sdp: String,
+        #[serde(default)]
+        tracks: Vec<TrackDecl>,
+    },
     /// The client's SDP answer to an offer the node sent.
     ClientAnswer { participant: u64, sdp: String },
     /// A trickled ICE candidate from the client (`a=candidate` value, no prefix).
@@ -38,6 +49,12 @@ pub enum ToNode {
     /// Turn server-side noise suppression ("enhanced audio") on or off for this
     /// participant's microphone.
     SetEnhanced { participant: u64, enabled: bool },
+    /// The most `participant` wants of track `track` (a track sid from `tracks`).
+    SetSubscription {
+        participant: u64,
+        track: String,
+        max_quality: Quality,
+    },
     /// Remove a participant and free its media session.
     RemoveParticipant { participant: u64 },
     /// Write one text frame (a JSON chat message) on each listed participant's `chat`
@@ -69,6 +86,17 @@ pub enum FromNode {
     Offer { participant: u64, sdp: String },
     /// A participant's audio track started or stopped being published.
     Track { participant: u64, publishing: bool },
+    /// The full list of a participant's published tracks, sent whenever it changes.
+    Tracks {
+        participant: u64,
+        tracks: Vec<TrackInfo>,
+    },
+    /// The layer `participant` receives of track `track` changed.
+    TrackQuality {
+        participant: u64,
+        track: String,
+        quality: Quality,
+    },
     /// The room's dominant speaker changed (`None`: nobody dominates any more).
     Dominant {
         room: String,
@@ -98,6 +126,8 @@ pub enum NodeErrorCode {
     InvalidSdp,
     InvalidCandidate,
     UnknownParticipant,
+    /// `set_subscription` named a track that is not published in the room.
+    UnknownTrack,
     Internal,
 }
 
@@ -119,6 +149,7 @@ mod tests {
             name: "Ana".into(),
             publish: true,
             subscribe: true,
+            video: true,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert!(s.starts_with(r#"{"type":"add_participant""#));
