@@ -52,6 +52,8 @@ struct Peer {
     addr: SocketAddr,
     rtc: Rtc,
     mic: Option<Mid>,
+    /// A single-layer VP8 camera (the video benchmark's publisher).
+    cam: Option<Mid>,
     pending: Option<SdpPendingOffer>,
     connected: bool,
 }
@@ -72,6 +74,24 @@ impl Room {
 
     /// `total` peers of which the first `publishers` publish (all subscribe).
     fn with_publishers(total: usize, publishers: usize) -> Room {
+        Room::build(total, publishers, false)
+    }
+
+    /// One publisher of a VP8 camera and `subscribers` video subscribers, already
+    /// forwarding (the forwarders start at the first keyframe, packet 600 here).
+    fn video(subscribers: usize) -> Room {
+        let mut room = Room::build(subscribers + 1, 1, true);
+        let from = room.peers[0].addr;
+        for d in room.video_datagrams(0, 400, 500) {
+            let t = room.now;
+            room.worker.handle_datagram(t, from, &d);
+            room.worker.take_transmits().for_each(drop);
+        }
+        room.run(Duration::from_millis(20));
+        room
+    }
+
+    fn build(total: usize, publishers: usize, video: bool) -> Room {
         let sfu: SocketAddr = "10.0.0.1:7882".parse().unwrap();
         let now = Instant::now();
         let mut room = Room {
@@ -81,7 +101,7 @@ impl Room {
             now,
         };
         for id in 1..=(total as u64) {
-            room.join(id, id <= publishers as u64);
+            room.join(id, id <= publishers as u64, video);
             room.run(Duration::from_millis(100));
         }
         room.run(Duration::from_millis(500));
@@ -89,7 +109,7 @@ impl Room {
         room
     }
 
-    fn join(&mut self, id: u64, publish: bool) {
+    fn join(&mut self, id: u64, publish: bool, video: bool) {
         self.worker.handle_command(
             self.now,
             ToNode::AddParticipant {
@@ -99,6 +119,7 @@ impl Room {
                 name: format!("U{id}"),
                 publish,
                 subscribe: true,
+                video,
             },
         );
         let addr: SocketAddr = format!("10.1.{}.{}:4000", id / 250, id % 250 + 1)
@@ -108,6 +129,7 @@ impl Room {
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_opus(true, false)
+            .enable_vp8(video)
             .build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
@@ -117,12 +139,15 @@ impl Room {
             Direction::RecvOnly
         };
         let mid = api.add_media(MediaKind::Audio, dir, None, None, None);
+        let cam = (video && publish)
+            .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
         let (offer, pending) = api.apply().unwrap();
         self.peers.push(Peer {
             id,
             addr,
             rtc,
             mic: publish.then_some(mid),
+            cam,
             pending: Some(pending),
             connected: false,
         });
@@ -131,6 +156,7 @@ impl Room {
             ToNode::ClientOffer {
                 participant: id,
                 sdp: offer.to_sdp_string(),
+                tracks: Vec::new(),
             },
         );
     }
@@ -222,30 +248,70 @@ impl Room {
     /// `n` SRTP datagrams from publisher `k` (peer index), 1 µs of simulated time
     /// apart (no timers fire while they are fed).
     fn publisher_datagrams(&mut self, k: usize, n: usize, first_seq: u64) -> Vec<Vec<u8>> {
+        self.datagrams(k, n, first_seq, false)
+    }
+
+    /// Like [`Room::publisher_datagrams`], from the publisher's camera: VP8 packets of a
+    /// typical 1.5 Mb/s stream's size (1100 bytes), 15-bit picture id, a keyframe every
+    /// 300 packets, four packets per frame.
+    fn video_datagrams(&mut self, k: usize, n: usize, first_seq: u64) -> Vec<Vec<u8>> {
+        self.datagrams(k, n, first_seq, true)
+    }
+
+    fn datagrams(&mut self, k: usize, n: usize, first_seq: u64, video: bool) -> Vec<Vec<u8>> {
         let p = &mut self.peers[k];
-        let mid = p.mic.unwrap();
+        let (mid, codec) = if video {
+            (p.cam.unwrap(), Codec::Vp8)
+        } else {
+            (p.mic.unwrap(), Codec::Opus)
+        };
         let pt = p
             .rtc
             .codec_config()
             .iter()
-            .find(|c| c.spec().codec == Codec::Opus)
+            .find(|c| c.spec().codec == codec)
             .unwrap()
             .pt();
-        let payload = vec![0x78u8; 80]; // a typical 32 kb/s Opus frame size
+        let audio_payload = vec![0x78u8; 80]; // a typical 32 kb/s Opus frame size
         let mut out = Vec::with_capacity(n);
         for i in 0..n as u64 {
             let now = self.now + Duration::from_micros(i);
-            let ext = ExtensionValues {
-                audio_level: Some(-30),
-                voice_activity: Some(true),
-                ..Default::default()
-            };
             let seq = first_seq + i;
+            let write = if video {
+                let frame = seq / 4;
+                let start = seq.is_multiple_of(4);
+                let key = seq.is_multiple_of(300);
+                let pid = (frame % (1 << 15)) as u16;
+                let mut payload = vec![0u8; 1100];
+                payload[..7].copy_from_slice(&[
+                    if start { 0x90 } else { 0x80 },
+                    0xe0,
+                    0x80 | (pid >> 8) as u8,
+                    pid as u8,
+                    frame as u8,
+                    0x20,
+                    if key { 0x00 } else { 0x01 },
+                ]);
+                RtpWrite::new(pt, seq.into(), (frame * 3000) as u32, now, payload)
+                    .marker(seq % 4 == 3)
+                    .nackable(true)
+            } else {
+                let ext = ExtensionValues {
+                    audio_level: Some(-30),
+                    voice_activity: Some(true),
+                    ..Default::default()
+                };
+                RtpWrite::new(
+                    pt,
+                    seq.into(),
+                    (seq * 960) as u32,
+                    now,
+                    audio_payload.clone(),
+                )
+                .ext_vals(ext)
+            };
             if let Some(tx) = p.rtc.direct_api().stream_tx_by_mid(mid, None) {
-                tx.write_rtp(
-                    RtpWrite::new(pt, seq.into(), (seq * 960) as u32, now, payload.clone())
-                        .ext_vals(ext),
-                );
+                tx.write_rtp(write);
             }
             // str0m sends queued RTP when it handles time.
             let _ = p.rtc.handle_input(Input::Timeout(now));
@@ -266,17 +332,38 @@ impl Room {
 }
 
 fn forward(c: &mut Criterion) {
-    let mut g = c.benchmark_group("forward_one_packet");
+    forward_kind(c, false);
+    forward_kind(c, true);
+}
+
+/// One publisher packet (audio, or VP8 video) to N subscribers, per packet in.
+fn forward_kind(c: &mut Criterion, video: bool) {
+    let mut g = c.benchmark_group(if video {
+        "forward_one_video_packet"
+    } else {
+        "forward_one_packet"
+    });
     g.measurement_time(Duration::from_secs(4));
     g.warm_up_time(Duration::from_millis(500));
     for subs in [1usize, 4, 20] {
-        let mut room = Room::new(subs);
+        let mut room = if video {
+            Room::video(subs)
+        } else {
+            Room::new(subs)
+        };
         let mut seq = 1_000u64;
         let mut reported = false;
+        if video {
+            eprintln!("  (video: a keyframe every 300 packets, 4 packets of 1100 bytes per frame)");
+        }
         g.throughput(Throughput::Elements(subs as u64));
         g.bench_with_input(BenchmarkId::from_parameter(subs), &subs, |b, _| {
             b.iter_custom(|iters| {
-                let packets = room.publisher_datagrams(0, iters as usize, seq);
+                let packets = if video {
+                    room.video_datagrams(0, iters as usize, seq)
+                } else {
+                    room.publisher_datagrams(0, iters as usize, seq)
+                };
                 seq += iters;
                 let from = room.peers[0].addr;
                 let base = room.now;

@@ -2,16 +2,20 @@
 //!
 //! Each node runs one or more workers; a worker owns a UDP socket and every participant
 //! of the rooms placed on it, with one `str0m::Rtc` (RTP mode, ICE-lite) per
-//! participant. It forwards Opus RTP between participants of a room with per-subscriber
-//! sequence/timestamp rewriting, detects active speakers from RFC 6464 audio levels, and
+//! participant. It forwards Opus and video RTP (VP8/H264 simulcast, VP9, AV1) between
+//! participants of a room with per-subscriber rewriting (layer switches at keyframes,
+//! continuous numbering), detects active speakers from RFC 6464 audio levels, and
 //! takes orders from signaling over an authenticated QUIC control connection
 //! (`docs/control-protocol.md`).
 
 pub mod demux;
 pub mod enhance;
 pub mod fasthash;
+pub mod forwarder;
 pub mod metrics;
 pub mod node;
+pub mod receiver;
+pub mod track;
 pub mod worker;
 
 pub use metrics::SfuMetrics;

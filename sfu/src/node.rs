@@ -171,13 +171,12 @@ async fn run_worker(
     // Kernel arrival times of the datagrams in this round that forwarded audio.
     let mut forwarded_at: Vec<Instant> = Vec::new();
     let mut seen = WorkerStats::default();
+    let mut membership_seen = u64::MAX;
     loop {
         let deadline = worker.next_deadline(Instant::now());
-        let mut rooms_changed = false;
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
-                rooms_changed = true;
                 match cmd {
                     Some(WorkerCmd::Control(c)) => worker.handle_command(Instant::now(), c),
                     Some(WorkerCmd::Reset) => worker.reset(),
@@ -230,7 +229,6 @@ async fn run_worker(
         out.extend(worker.take_transmits().map(|t| (t.destination, t.contents)));
         send_all(&socket, &io, &mut out, &metrics).await;
         for e in worker.take_events() {
-            rooms_changed = true;
             let _ = events.send(e);
         }
         for t0 in forwarded_at.drain(..) {
@@ -255,7 +253,8 @@ async fn run_worker(
             );
         }
         seen = st;
-        if rooms_changed {
+        if worker.membership_epoch() != membership_seen {
+            membership_seen = worker.membership_epoch();
             metrics.set_rooms(index, worker.room_sizes().map(|(r, n)| (r.to_string(), n)));
         }
     }
@@ -343,6 +342,7 @@ impl Routing {
             | ToNode::ClientCandidate { participant, .. }
             | ToNode::SetMuted { participant, .. }
             | ToNode::SetEnhanced { participant, .. }
+            | ToNode::SetSubscription { participant, .. }
             | ToNode::RemoveParticipant { participant } => *participant,
             ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {
                 return None

@@ -15,10 +15,12 @@ use chorus_media_core::rewrite::RtpRewriter;
 use chorus_media_core::speaker::{DominantEvent, SpeakerConfig, SpeakerDetector, SpeakerEvent};
 use chorus_protocol::chat::{ChatErrorCode, ChatServerFrame, Sender, SignalFrame};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
+use chorus_protocol::track::{Quality, TrackDecl, TrackKind, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::Pt;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -27,6 +29,13 @@ use tracing::{debug, info, warn};
 use crate::demux::{is_stun, stun_local_ufrag};
 use crate::enhance::Enhancer;
 use crate::fasthash::FastMap;
+use crate::forwarder::VideoForwarder;
+use crate::track::{PubTrack, MAX_TRACKS};
+
+mod negotiation;
+mod video;
+
+use video::publish_track;
 
 /// A datagram to send.
 pub struct Transmit {
@@ -51,12 +60,42 @@ const MAX_INLINE_TIMEOUTS: u32 = 4;
 /// How long a participant's ICE may stay disconnected before the node gives up.
 const ICE_DISCONNECT_GRACE: Duration = Duration::from_secs(10);
 
+/// A track as one subscriber receives it: its m-section in the subscriber's session and
+/// the per-subscriber rewriting state.
 struct DownTrack {
     mid: Mid,
+    kind: TrackKind,
+    /// Audio: sequence/timestamp continuity across pauses and publisher restarts.
     rewriter: RtpRewriter,
+    /// Video: layer choice and rewriting.
+    video: VideoForwarder,
+    /// The subscriber's `max_quality` for this track.
+    cap: Quality,
+    /// The quality last reported to the subscriber (`track_quality`).
+    reported: Option<Quality>,
+    /// (publisher payload type, subscriber payload type) last mapped.
+    pt_map: Option<(Pt, Option<Pt>)>,
     /// True once the subscriber answered the offer that added this track.
     ready: bool,
 }
+
+impl DownTrack {
+    fn new(mid: Mid, kind: TrackKind, cap: Quality) -> Self {
+        DownTrack {
+            mid,
+            kind,
+            rewriter: RtpRewriter::new(48_000),
+            video: VideoForwarder::new(),
+            cap,
+            reported: None,
+            pt_map: None,
+            ready: false,
+        }
+    }
+}
+
+/// Key of a down track in a subscriber's map: (publisher, the publisher's track index).
+type TrackKey = (u64, u8);
 
 struct Participant {
     id: u64,
@@ -80,15 +119,25 @@ struct Participant {
     publish: bool,
     subscribe: bool,
     muted: bool,
+    /// Offer this participant other participants' video (a protocol 2 client).
+    video: bool,
     /// The client's first offer has been answered; only after that does the node offer.
     initial_done: bool,
-    /// The mid on which this participant's microphone arrives.
-    published: Option<Mid>,
+    /// What this participant publishes, in the order it first published it.
+    tracks: Vec<PubTrack>,
+    /// Sources the client declared for its m-sections in its latest offer.
+    decls: Vec<TrackDecl>,
+    /// Publisher SSRC → (index into `tracks`, layer), learned from str0m on first sight.
+    ssrcs: Vec<(u32, usize, u8)>,
     /// Opus payload type negotiated with this participant.
     opus_pt: Option<str0m::format::PayloadParams>,
-    downtracks: FastMap<u64, DownTrack>,
+    downtracks: FastMap<TrackKey, DownTrack>,
+    /// `max_quality` the client set per track, kept for tracks not (yet) offered to it.
+    caps: Vec<(TrackKey, Quality)>,
     /// Tracks whose publisher left: to be stopped in the next offer.
     stale: Vec<Mid>,
+    /// Stale tracks the outstanding offer stops; back to `stale` if it is abandoned.
+    stale_in_flight: Vec<Mid>,
     pending_offer: Option<SdpPendingOffer>,
     /// str0m's latest deadline for this participant.
     next_timeout: Instant,
@@ -99,6 +148,8 @@ struct Participant {
     /// Audio was written to this participant's session since it was last polled.
     dirty: bool,
     disconnected_since: Option<Instant>,
+    /// The microphone's `track` event was sent.
+    mic_reported: bool,
 }
 
 /// The media worker core.
@@ -118,6 +169,12 @@ pub struct Worker {
     selected: FastMap<String, Vec<u64>>,
     /// Reused list of forwarding targets (no allocation per packet).
     scratch: Vec<u64>,
+    /// Bumped whenever a participant is added or removed, so the shell refreshes its
+    /// per-room gauges only then (not on every command and event: that took the
+    /// metrics lock and allocated room names on the media thread).
+    membership_epoch: u64,
+    /// Reused list of (subscriber, quality) changes found while forwarding video.
+    quality_scratch: Vec<(u64, Quality)>,
     local_addr: SocketAddr,
     candidate_addrs: Vec<SocketAddr>,
     participants: FastMap<u64, Participant>,
@@ -196,6 +253,8 @@ impl Worker {
             voice_threshold: SpeakerConfig::default().threshold,
             selected: FastMap::default(),
             scratch: Vec::new(),
+            quality_scratch: Vec::new(),
+            membership_epoch: 0,
             local_addr,
             candidate_addrs,
             participants: FastMap::default(),
@@ -225,6 +284,11 @@ impl Worker {
     /// Each room on this worker with its participant count.
     pub fn room_sizes(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
         self.rooms.iter().map(|(r, ids)| (r.as_str(), ids.len()))
+    }
+
+    /// Changes whenever the set of participants (and so of rooms) changes.
+    pub fn membership_epoch(&self) -> u64 {
+        self.membership_epoch
     }
 
     pub fn stats(&self) -> WorkerStats {
@@ -386,14 +450,33 @@ impl Worker {
                 name,
                 publish,
                 subscribe,
-            } => self.add(now, participant, room, identity, name, publish, subscribe),
+                video,
+            } => self.add(
+                now,
+                participant,
+                room,
+                identity,
+                name,
+                publish,
+                subscribe,
+                video,
+            ),
             ToNode::ChatTo { participants, data } => {
                 for id in participants {
                     self.write_chat(id, &data, now);
                 }
             }
             ToNode::RemoveParticipant { participant } => self.remove(participant),
-            ToNode::ClientOffer { participant, sdp } => self.client_offer(now, participant, &sdp),
+            ToNode::ClientOffer {
+                participant,
+                sdp,
+                tracks,
+            } => self.client_offer(now, participant, &sdp, tracks),
+            ToNode::SetSubscription {
+                participant,
+                track,
+                max_quality,
+            } => self.set_subscription(now, participant, &track, max_quality),
             ToNode::ClientAnswer { participant, sdp } => self.client_answer(now, participant, &sdp),
             ToNode::ClientCandidate {
                 participant,
@@ -414,7 +497,14 @@ impl Worker {
             }
             ToNode::SetMuted { participant, muted } => {
                 if let Some(p) = self.participants.get_mut(&participant) {
+                    let changed = p.muted != muted;
                     p.muted = muted;
+                    if changed && !p.tracks.is_empty() {
+                        self.report_tracks(participant);
+                    }
+                    let Some(p) = self.participants.get_mut(&participant) else {
+                        return;
+                    };
                     // Unmuting needs nothing here: the first forwarded packet after the
                     // pause resyncs subscribers' numbering (see `forward`).
                     if muted {
@@ -468,6 +558,7 @@ impl Worker {
         name: String,
         publish: bool,
         subscribe: bool,
+        video: bool,
     ) {
         if self.participants.contains_key(&id) {
             return;
@@ -476,20 +567,35 @@ impl Worker {
         if let Some(cert) = &self.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
-        let mut rtc = builder
+        builder = builder
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
             .enable_opus(true, false)
-            // Audio levels for speaker detection and mid for clients' demux are all an
-            // audio SFU needs. Transport-wide sequence numbers (TWCC) only feed
-            // bandwidth estimation, which audio-only forwarding does not do; leaving
-            // them out saves their feedback traffic and bookkeeping on every packet
-            // (~3.5% of the SFU's CPU in a 100-participant profile).
+            // Video codecs in the order offered: VP8 first (simulcast everywhere, cheap
+            // to decode), H264 constrained baseline with packetization mode 1 (the one
+            // profile every browser and hardware decoder shares), then VP9 and AV1,
+            // forwarded single-layer.
+            .enable_vp8(true);
+        // One H264 profile after VP8 (payload types as Chromium numbers them).
+        builder
+            .codec_config()
+            .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
+        builder = builder
+            .enable_vp9(true)
+            .enable_av1(true)
+            // Audio levels for speaker detection, mid for clients' demux, and rid /
+            // repaired rid so simulcast layers can be told apart. Transport-wide
+            // sequence numbers (TWCC) only feed bandwidth estimation, which this
+            // forwarder does not do yet; leaving them out saves their feedback traffic
+            // and bookkeeping on every packet (~3.5% of the SFU's CPU in a
+            // 100-participant audio profile).
             .clear_extension_map()
             .set_extension(1, Extension::AudioLevel)
             .set_extension(4, Extension::RtpMid)
-            .build(now);
+            .set_extension(10, Extension::RtpStreamId)
+            .set_extension(11, Extension::RepairedRtpStreamId);
+        let mut rtc = builder.build(now);
         for addr in &self.candidate_addrs {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
@@ -500,6 +606,7 @@ impl Worker {
         }
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         info!(participant = id, %room, %identity, "participant added");
+        self.membership_epoch += 1;
         self.by_ufrag.insert(ufrag.clone(), id);
         self.rooms.entry(room.clone()).or_default().push(id);
         self.detectors
@@ -524,16 +631,22 @@ impl Worker {
                 publish,
                 subscribe,
                 muted: false,
+                video,
                 initial_done: false,
-                published: None,
+                tracks: Vec::new(),
+                decls: Vec::new(),
+                ssrcs: Vec::new(),
                 opus_pt: None,
                 downtracks: FastMap::default(),
+                caps: Vec::new(),
                 stale: Vec::new(),
+                stale_in_flight: Vec::new(),
                 pending_offer: None,
                 next_timeout: now,
                 queued: Some(now),
                 dirty: false,
                 disconnected_since: None,
+                mic_reported: false,
             },
         );
     }
@@ -543,6 +656,7 @@ impl Worker {
             return;
         };
         info!(participant = id, "participant removed");
+        self.membership_epoch += 1;
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, v| *v != id);
         if let Some(d) = self.detectors.get_mut(p.room.as_str()) {
@@ -566,9 +680,15 @@ impl Worker {
         };
         for s in peers {
             if let Some(sp) = self.participants.get_mut(&s) {
-                if let Some(dt) = sp.downtracks.remove(&id) {
-                    sp.stale.push(dt.mid);
-                }
+                let mut gone = Vec::new();
+                sp.downtracks.retain(|k, dt| {
+                    if k.0 == id {
+                        gone.push(dt.mid);
+                    }
+                    k.0 != id
+                });
+                sp.caps.retain(|(k, _)| k.0 != id);
+                sp.stale.extend(gone);
             }
             self.maybe_offer(s, now);
             self.drive(s, now);
@@ -607,197 +727,13 @@ impl Worker {
         });
     }
 
-    fn client_offer(&mut self, now: Instant, id: u64, sdp: &str) {
-        let Some(p) = self.participants.get_mut(&id) else {
-            return self.unknown(id);
-        };
-        let offer = match SdpOffer::from_sdp_string(sdp) {
-            Ok(o) => o,
-            Err(e) => {
-                return self.events.push(FromNode::Error {
-                    participant: id,
-                    code: NodeErrorCode::InvalidSdp,
-                    message: format!("offer is not valid SDP: {e}"),
-                })
-            }
-        };
-        // A client offer while ours is outstanding: theirs wins, ours is redone later.
-        if p.pending_offer.take().is_some() {
-            for dt in p.downtracks.values_mut().filter(|d| !d.ready) {
-                dt.ready = false;
-            }
-        }
-        let result = catch_unwind(AssertUnwindSafe(|| p.rtc.sdp_api().accept_offer(offer)));
-        match result {
-            Ok(Ok(answer)) => {
-                p.initial_done = true;
-                p.opus_pt = opus_params(&p.rtc);
-                self.events.push(FromNode::Answer {
-                    participant: id,
-                    sdp: answer.to_sdp_string(),
-                });
-            }
-            Ok(Err(e)) => {
-                return self.events.push(FromNode::Error {
-                    participant: id,
-                    code: NodeErrorCode::InvalidSdp,
-                    message: format!("offer could not be negotiated: {e}"),
-                })
-            }
-            Err(_) => return self.fail(id, "internal error negotiating the offer"),
-        }
-        self.drive(id, now);
-        self.subscribe_all(id, now);
-    }
-
-    fn client_answer(&mut self, now: Instant, id: u64, sdp: &str) {
-        let Some(p) = self.participants.get_mut(&id) else {
-            return self.unknown(id);
-        };
-        let Some(pending) = p.pending_offer.take() else {
-            return self.events.push(FromNode::Error {
-                participant: id,
-                code: NodeErrorCode::InvalidSdp,
-                message: "an answer arrived but no offer is outstanding".into(),
-            });
-        };
-        let answer = match SdpAnswer::from_sdp_string(sdp) {
-            Ok(a) => a,
-            Err(e) => {
-                // Keep the offer outstanding so a corrected answer can still complete it.
-                p.pending_offer = Some(pending);
-                return self.events.push(FromNode::Error {
-                    participant: id,
-                    code: NodeErrorCode::InvalidSdp,
-                    message: format!("answer is not valid SDP: {e}"),
-                });
-            }
-        };
-        match catch_unwind(AssertUnwindSafe(|| {
-            p.rtc.sdp_api().accept_answer(pending, answer)
-        })) {
-            Ok(Ok(())) => {
-                debug!(participant = id, "client answer applied");
-                p.opus_pt = opus_params(&p.rtc).or(p.opus_pt);
-                for dt in p.downtracks.values_mut() {
-                    dt.ready = true;
-                }
-            }
-            Ok(Err(e)) => {
-                self.events.push(FromNode::Error {
-                    participant: id,
-                    code: NodeErrorCode::InvalidSdp,
-                    message: format!("answer could not be applied: {e}"),
-                });
-                // Our offer was discarded; tracks it added must be offered again.
-                p.downtracks.retain(|_, d| d.ready);
-            }
-            Err(_) => return self.fail(id, "internal error applying the answer"),
-        }
-        self.drive(id, now);
-        self.maybe_offer(id, now);
-        self.drive(id, now);
-    }
-
-    /// Makes sure subscriber `id` gets every publisher in its room, and every other
-    /// subscriber gets `id` if it publishes.
-    fn subscribe_all(&mut self, id: u64, now: Instant) {
-        let Some(room) = self.participants.get(&id).map(|p| p.room.clone()) else {
-            return;
-        };
-        let members = self.rooms.get(&room).cloned().unwrap_or_default();
-        for m in members {
-            self.maybe_offer(m, now);
-            self.drive(m, now);
-        }
-    }
-
-    /// Sends subscriber `id` an offer if its set of tracks is out of date and no
-    /// negotiation is in flight.
-    fn maybe_offer(&mut self, id: u64, _now: Instant) {
-        let publishers: Vec<u64> = match self.participants.get(&id) {
-            Some(p) if p.initial_done && p.pending_offer.is_none() && p.subscribe => self
-                .rooms
-                .get(&p.room)
-                .map(|ms| {
-                    ms.iter()
-                        .copied()
-                        .filter(|m| *m != id)
-                        .filter(|m| {
-                            self.participants
-                                .get(m)
-                                .is_some_and(|o| o.published.is_some() && o.publish)
-                        })
-                        .filter(|m| !p.downtracks.contains_key(m))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            Some(p) if p.initial_done && p.pending_offer.is_none() && !p.stale.is_empty() => {
-                Vec::new()
-            }
-            _ => return,
-        };
-        let Some(p) = self.participants.get_mut(&id) else {
-            return;
-        };
-        if publishers.is_empty() && p.stale.is_empty() {
-            return;
-        }
-        let stale = std::mem::take(&mut p.stale);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let mut api = p.rtc.sdp_api();
-            for mid in &stale {
-                api.stop_media(*mid);
-            }
-            let mids: Vec<(u64, Mid)> = publishers
-                .iter()
-                .map(|pubid| {
-                    let mid = api.add_media(
-                        MediaKind::Audio,
-                        Direction::SendOnly,
-                        Some(format!("p{pubid}")),
-                        Some(format!("a{pubid}")),
-                        None,
-                    );
-                    (*pubid, mid)
-                })
-                .collect();
-            (api.apply(), mids)
-        }));
-        match result {
-            Ok((applied, mids)) => {
-                for (pubid, mid) in mids {
-                    p.downtracks.insert(
-                        pubid,
-                        DownTrack {
-                            mid,
-                            rewriter: RtpRewriter::new(48_000),
-                            ready: false,
-                        },
-                    );
-                }
-                if let Some((offer, pending)) = applied {
-                    debug!(
-                        participant = id,
-                        ?publishers,
-                        stale = stale.len(),
-                        "offering track changes"
-                    );
-                    p.pending_offer = Some(pending);
-                    self.events.push(FromNode::Offer {
-                        participant: id,
-                        sdp: offer.to_sdp_string(),
-                    });
-                }
-            }
-            Err(_) => self.fail(id, "internal error creating an offer"),
-        }
-    }
-
     /// Polls a participant's `Rtc` until it only has a timeout left, handling events
     /// and forwarding any audio it received.
     fn drive(&mut self, id: u64, now: Instant) {
         let mut newly_published = false;
+        let mut tracks_changed = false;
+        // Keyframe requests from this participant as a subscriber: (mid, kind).
+        let mut keyframe_asks: Vec<(Mid, KeyframeRequestKind)> = Vec::new();
         // (is chat, binary, bytes) frames received on data channels during this poll.
         let mut channel_frames: Vec<(bool, bool, Vec<u8>)> = Vec::new();
         let mut inline_timeouts = 0;
@@ -844,20 +780,49 @@ impl Worker {
                     Event::RtpPacket(pkt) => self.packets.push(pkt),
                     Event::MediaAdded(m) => {
                         debug!(participant = id, mid = %m.mid, kind = ?m.kind, direction = ?m.direction, "media added");
-                        if m.kind == MediaKind::Audio
-                            && matches!(m.direction, Direction::RecvOnly | Direction::SendRecv)
-                            && p.published.is_none()
-                        {
-                            p.published = Some(m.mid);
-                            newly_published = true;
-                            if p.publish {
-                                self.events.push(FromNode::Track {
-                                    participant: id,
-                                    publishing: true,
-                                });
+                        let receiving =
+                            matches!(m.direction, Direction::RecvOnly | Direction::SendRecv);
+                        if receiving && p.publish {
+                            let rids = m
+                                .simulcast
+                                .map(|s| if s.recv.is_empty() { s.send } else { s.recv })
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|l| l.rid)
+                                .collect();
+                            if publish_track(p, m.mid, m.kind, rids) {
+                                newly_published = true;
+                                tracks_changed = true;
                             }
                         }
                     }
+                    Event::MediaChanged(m) => {
+                        let receiving =
+                            matches!(m.direction, Direction::RecvOnly | Direction::SendRecv);
+                        debug!(participant = id, mid = %m.mid, direction = ?m.direction, "media changed");
+                        if let Some(t) = p.tracks.iter_mut().find(|t| t.mid == m.mid) {
+                            if t.active != receiving {
+                                t.active = receiving;
+                                // A track that comes back is a new stream: wait for it.
+                                t.receiver.reset();
+                                tracks_changed = true;
+                                newly_published |= receiving;
+                            }
+                        } else if receiving && p.publish {
+                            // A transceiver that was not sending before (recvonly at
+                            // first) now publishes.
+                            let kind = p
+                                .rtc
+                                .media(m.mid)
+                                .map(|md| md.kind())
+                                .unwrap_or(MediaKind::Audio);
+                            if publish_track(p, m.mid, kind, Vec::new()) {
+                                newly_published = true;
+                                tracks_changed = true;
+                            }
+                        }
+                    }
+                    Event::KeyframeRequest(r) => keyframe_asks.push((r.mid, r.kind)),
                     Event::IceConnectionStateChange(state) => {
                         debug!(participant = id, ?state, "ICE state");
                         match state {
@@ -912,11 +877,64 @@ impl Worker {
                 self.signal_in(id, binary, &data, now);
             }
         }
+        for (mid, kind) in keyframe_asks {
+            self.subscriber_keyframe_request(id, mid, kind, now);
+        }
+        if tracks_changed {
+            self.tracks_changed(id, now);
+        }
         if newly_published {
             // str0m reports the publisher's track on a later poll than the one that
             // accepted its offer, so subscribers are offered the new track from here.
             self.subscribe_all(id, now);
         }
+    }
+
+    /// A publisher's tracks changed (published, unpublished, codec learned, muted):
+    /// tell signaling, stop forwarding what stopped, and the microphone's `track` event
+    /// for protocol 1 bookkeeping.
+    fn tracks_changed(&mut self, id: u64, now: Instant) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let mic = p
+            .tracks
+            .iter()
+            .any(|t| t.active && t.source == TrackSource::Microphone);
+        if mic && !p.mic_reported {
+            p.mic_reported = true;
+            self.events.push(FromNode::Track {
+                participant: id,
+                publishing: true,
+            });
+        }
+        let inactive: Vec<u8> = p
+            .tracks
+            .iter()
+            .filter(|t| !t.active && t.kind == TrackKind::Video)
+            .map(|t| t.index)
+            .collect();
+        if !inactive.is_empty() {
+            self.stop_video_forwarding(id, &inactive, now);
+        }
+        self.report_tracks(id);
+    }
+
+    /// Sends signaling the publisher's current list of active tracks.
+    fn report_tracks(&mut self, id: u64) {
+        let Some(p) = self.participants.get(&id) else {
+            return;
+        };
+        let tracks = p
+            .tracks
+            .iter()
+            .filter(|t| t.active)
+            .map(|t| t.info(p.muted))
+            .collect();
+        self.events.push(FromNode::Tracks {
+            participant: id,
+            tracks,
+        });
     }
 
     /// Which speakers each large room forwards: those the detector says are speaking,
@@ -955,9 +973,23 @@ impl Worker {
     /// Forwards one publisher packet to every subscriber in its room.
     fn forward(&mut self, from: u64, pkt: &RtpPacket, now: Instant) {
         self.stats.packets_in += 1;
+        let Some((pos, layer)) = self.track_of(from, *pkt.header.ssrc) else {
+            return;
+        };
         let Some(p) = self.participants.get_mut(&from) else {
             return;
         };
+        let Some(t) = p.tracks.get(pos) else {
+            return;
+        };
+        match t.source {
+            TrackSource::Microphone => {}
+            TrackSource::ScreenAudio => return self.forward_screen_audio(from, pos, pkt, now),
+            TrackSource::Camera | TrackSource::Screen => {
+                return self.forward_video(from, pos, layer, pkt, now)
+            }
+        }
+        let index = t.index;
         if p.opus_pt
             .is_some_and(|pt| pt.pt() != pkt.header.payload_type)
         {
@@ -1018,7 +1050,7 @@ impl Worker {
             let Some(pt) = s.opus_pt.map(|p| p.pt()) else {
                 continue;
             };
-            let Some(dt) = s.downtracks.get_mut(&from) else {
+            let Some(dt) = s.downtracks.get_mut(&(from, index)) else {
                 continue;
             };
             if !dt.ready {
@@ -1205,6 +1237,7 @@ mod tests {
             name: format!("User {id}"),
             publish: true,
             subscribe: true,
+            video: false,
         }
     }
 
@@ -1258,6 +1291,7 @@ mod tests {
             ToNode::ClientOffer {
                 participant: 1,
                 sdp: "hello".into(),
+                tracks: Vec::new(),
             },
         );
         w.handle_command(

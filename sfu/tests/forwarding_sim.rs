@@ -129,6 +129,7 @@ impl Sim {
                 name: format!("User {id}"),
                 publish: true,
                 subscribe: true,
+                video: false,
             },
         );
         let mut c = Client::new(id, self.now);
@@ -139,6 +140,7 @@ impl Sim {
             ToNode::ClientOffer {
                 participant: id,
                 sdp,
+                tracks: Vec::new(),
             },
         );
         self.pump();

@@ -1,0 +1,182 @@
+//! The receiver of one published video track: which simulcast layers arrive (and on
+//! which SSRC), and keyframe requests to the publisher, throttled per layer so twenty
+//! subscribers asking at once cost the publisher one keyframe, not twenty.
+//!
+//! Sans-IO: the worker tells it about packets and requests with the time, and sends the
+//! PLI/FIR it returns.
+
+use std::time::{Duration, Instant};
+
+use crate::forwarder::MAX_LAYERS;
+
+/// At most one keyframe request per publisher layer in this interval.
+pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A layer that sent nothing for this long is taken as stopped (the publisher's encoder
+/// dropped it, or the track was unpublished); subscribers move to another layer.
+pub const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Layer {
+    ssrc: Option<u32>,
+    last_packet: Option<Instant>,
+    /// When the last keyframe request for this layer went out.
+    last_request: Option<Instant>,
+    /// A request was wanted while the layer's SSRC was unknown (nothing arrived yet):
+    /// sent as soon as it is.
+    pending: bool,
+}
+
+/// State of one published video track.
+#[derive(Debug, Clone, Default)]
+pub struct Receiver {
+    layers: [Layer; MAX_LAYERS],
+    /// Keyframe requests sent (for tests and metrics).
+    pub requests_sent: u64,
+}
+
+/// A keyframe request to send to the publisher on this SSRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyframeRequest {
+    pub layer: u8,
+    pub ssrc: u32,
+}
+
+impl Receiver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a packet of `layer`; returns true if the layer just became live (started
+    /// or came back), which may change what subscribers should get. A request that
+    /// waited for this layer's SSRC is returned through `request`.
+    pub fn on_packet(
+        &mut self,
+        layer: u8,
+        ssrc: u32,
+        now: Instant,
+        request: &mut Option<KeyframeRequest>,
+    ) -> bool {
+        let Some(l) = self.layers.get_mut(layer as usize) else {
+            return false;
+        };
+        let was_live = l
+            .last_packet
+            .is_some_and(|t| now.duration_since(t) < LAYER_TIMEOUT);
+        l.ssrc = Some(ssrc);
+        l.last_packet = Some(now);
+        if l.pending {
+            l.pending = false;
+            *request = self.request(layer, now);
+        }
+        !was_live
+    }
+
+    /// Bit mask of layers that arrived within [`LAYER_TIMEOUT`].
+    pub fn live(&self, now: Instant) -> u8 {
+        let mut m = 0;
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.last_packet
+                .is_some_and(|t| now.saturating_duration_since(t) < LAYER_TIMEOUT)
+            {
+                m |= 1 << i;
+            }
+        }
+        m
+    }
+
+    /// The SSRC a layer arrives on.
+    pub fn ssrc(&self, layer: u8) -> Option<u32> {
+        self.layers.get(layer as usize).and_then(|l| l.ssrc)
+    }
+
+    /// Asks for a keyframe on `layer`: returns the request to send now, or `None` if one
+    /// went out within [`KEYFRAME_INTERVAL`] (that keyframe serves this asker too) or
+    /// the layer has not arrived yet (then it is sent when it does).
+    pub fn request(&mut self, layer: u8, now: Instant) -> Option<KeyframeRequest> {
+        let l = self.layers.get_mut(layer as usize)?;
+        if l.last_request
+            .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_INTERVAL)
+        {
+            return None;
+        }
+        let Some(ssrc) = l.ssrc else {
+            l.pending = true;
+            return None;
+        };
+        l.last_request = Some(now);
+        self.requests_sent += 1;
+        Some(KeyframeRequest { layer, ssrc })
+    }
+
+    /// The publisher's stream restarted (unpublished and published again): forget what
+    /// arrived before, so subscribers wait for the new stream.
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            l.last_packet = None;
+            l.pending = false;
+        }
+    }
+
+    /// Whether the layer's SSRC changed from what was recorded (a publisher restart).
+    pub fn ssrc_changed(&self, layer: u8, ssrc: u32) -> bool {
+        self.ssrc(layer).is_some_and(|s| s != ssrc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twenty_subscribers_asking_cost_one_request_per_interval() {
+        let t0 = Instant::now();
+        let mut r = Receiver::new();
+        let mut req = None;
+        r.on_packet(2, 99, t0, &mut req);
+        assert_eq!(req, None);
+        let mut sent = Vec::new();
+        // Twenty subscribers each ask every 50 ms for two seconds.
+        for step in 0..40u64 {
+            let now = t0 + Duration::from_millis(step * 50);
+            for _ in 0..20 {
+                if let Some(k) = r.request(2, now) {
+                    sent.push((now, k));
+                }
+            }
+        }
+        assert_eq!(sent.len(), 4, "one per 500 ms over 2 s: {sent:?}");
+        for w in sent.windows(2) {
+            assert!(w[1].0 - w[0].0 >= KEYFRAME_INTERVAL);
+        }
+        assert!(sent.iter().all(|(_, k)| k.ssrc == 99 && k.layer == 2));
+        // Another layer has its own budget.
+        assert!(
+            r.request(1, t0).is_none(),
+            "layer 1 has not arrived: deferred"
+        );
+        let mut req = None;
+        r.on_packet(1, 77, t0 + Duration::from_millis(10), &mut req);
+        assert_eq!(req, Some(KeyframeRequest { layer: 1, ssrc: 77 }));
+    }
+
+    #[test]
+    fn layers_go_live_and_time_out() {
+        let t0 = Instant::now();
+        let mut r = Receiver::new();
+        let mut req = None;
+        assert!(r.on_packet(0, 1, t0, &mut req));
+        assert!(!r.on_packet(0, 1, t0 + Duration::from_millis(30), &mut req));
+        assert!(r.on_packet(2, 3, t0 + Duration::from_millis(40), &mut req));
+        assert_eq!(r.live(t0 + Duration::from_millis(50)), 0b101);
+        // Layer 2 stops; layer 0 keeps coming.
+        for i in 1..60u64 {
+            r.on_packet(0, 1, t0 + Duration::from_millis(40 + i * 33), &mut req);
+        }
+        assert_eq!(r.live(t0 + Duration::from_millis(40 + 59 * 33)), 0b001);
+        assert!(r.ssrc_changed(0, 5));
+        assert!(!r.ssrc_changed(0, 1));
+        r.reset();
+        assert_eq!(r.live(t0 + Duration::from_millis(40 + 59 * 33)), 0);
+    }
+}
