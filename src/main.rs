@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chorus_protocol::client::{Grants, IceServer};
+use chorus_protocol::track::{SourceSet, TrackSource};
 use chorus_sfu::{Node, NodeConfig};
 use chorus_signaling::{token, Signaling, SignalingConfig, TurnRest};
 use clap::{Args, Parser, Subcommand};
@@ -290,6 +291,44 @@ struct TokenArgs {
     /// No data (chat) publish grant.
     #[arg(long)]
     no_publish_data: bool,
+    /// Only these sources may be published, comma separated, from: microphone, camera,
+    /// screen, screen_audio (e.g. `--sources microphone` for a voice-only seat). Sets the
+    /// token's `can_publish_sources`; without it every source may be published
+    /// (`--no-publish` forbids publishing altogether).
+    #[arg(long, value_name = "LIST", value_parser = parse_sources)]
+    sources: Option<SourceSet>,
+}
+
+/// `--sources microphone,camera` → the set; unknown or missing names are refused with
+/// the list of valid ones.
+fn parse_sources(list: &str) -> Result<SourceSet, String> {
+    let valid = || {
+        TrackSource::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut set = SourceSet::default();
+    for name in list.split(',').map(str::trim) {
+        match TrackSource::ALL.iter().find(|s| s.as_str() == name) {
+            Some(s) => set.insert(*s),
+            None if name.is_empty() => {
+                return Err(format!(
+                    "empty source name in {list:?}; give a comma-separated list of: {} \
+                     (use --no-publish for a token that publishes nothing)",
+                    valid()
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "unknown source {name:?}; valid sources are: {}",
+                    valid()
+                ))
+            }
+        }
+    }
+    Ok(set)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -676,9 +715,32 @@ fn token_cmd(a: TokenArgs) -> anyhow::Result<()> {
         subscribe: !a.no_subscribe,
         publish_data: !a.no_publish_data,
         admin: a.admin,
+        can_publish_sources: a.sources,
     };
     let claims =
         token::participant_claims(&key, &a.room, &a.identity, a.name.as_deref(), a.ttl, grants);
     println!("{}", token::mint(&claims, &secret)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_a_comma_separated_list_of_known_names() {
+        let s = parse_sources("microphone, screen_audio").unwrap();
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            [TrackSource::Microphone, TrackSource::ScreenAudio]
+        );
+        let e = parse_sources("microphone,webcam").unwrap_err();
+        assert!(e.contains("\"webcam\""), "{e}");
+        assert!(
+            e.contains("microphone, camera, screen, screen_audio"),
+            "{e}"
+        );
+        assert!(parse_sources("").unwrap_err().contains("--no-publish"));
+        assert!(parse_sources("camera,,screen").is_err());
+    }
 }

@@ -293,6 +293,84 @@ async fn bad_tokens_get_documented_errors_and_close() {
 }
 
 #[tokio::test]
+async fn protocols_1_and_2_are_served_and_track_grants_hold_over_the_socket() {
+    use chorus_protocol::track::{Quality, TrackSource};
+    let s = stack().await;
+    for (asked, echoed) in [(None, 1), (Some(1), 1), (Some(2), 2)] {
+        let mut c = SignalingClient::connect(&s.ws).await.unwrap();
+        c.send(&ClientMessage::Join {
+            token: token("lobby", &format!("v{echoed}-{asked:?}")),
+            room: None,
+            resume: false,
+            protocol: asked,
+        })
+        .await
+        .unwrap();
+        match c.recv_timeout(T).await.unwrap() {
+            Incoming::Message(ServerMessage::Joined { protocol, .. }) => {
+                assert_eq!(protocol, echoed, "asked {asked:?}")
+            }
+            other => panic!("expected joined, got {other:?}"),
+        }
+    }
+    let mut c = SignalingClient::connect(&s.ws).await.unwrap();
+    c.send(&ClientMessage::Join {
+        token: token("lobby", "v3"),
+        room: None,
+        resume: false,
+        protocol: Some(3),
+    })
+    .await
+    .unwrap();
+    let m = expect_error(&mut c, ErrorCode::UnsupportedProtocol).await;
+    assert!(m.contains("1 (audio only) and 2"), "{m}");
+    expect_closed(&mut c).await;
+
+    // A microphone-only token offering a camera: forbidden, and the session goes on.
+    let mic_only = participant_claims(
+        "devkey",
+        "lobby",
+        "mic",
+        None,
+        Duration::from_secs(600),
+        Grants {
+            can_publish_sources: Some([TrackSource::Microphone].into_iter().collect()),
+            ..Grants::default_participant()
+        },
+    );
+    let mut c = SignalingClient::connect(&s.ws).await.unwrap();
+    c.send(&ClientMessage::Join {
+        token: mint(&mic_only, "devsecret").unwrap(),
+        room: None,
+        resume: false,
+        protocol: Some(2),
+    })
+    .await
+    .unwrap();
+    c.wait_for(T, |m| matches!(m, ServerMessage::Joined { .. }))
+        .await
+        .unwrap();
+    c.send(&ClientMessage::Offer {
+        sdp: "v=0\r\na=group:BUNDLE 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n\
+              a=sendonly\r\na=rtpmap:96 VP8/90000\r\n"
+            .into(),
+        tracks: vec![],
+    })
+    .await
+    .unwrap();
+    let m = expect_error(&mut c, ErrorCode::Forbidden).await;
+    assert_eq!(m, "this token may not publish camera");
+    c.send(&ClientMessage::UpdateSubscription {
+        track_sid: "t1_1".into(),
+        max_quality: Quality::Low,
+    })
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::UnknownTrack).await;
+    ping_pong(&mut c, 2.0).await;
+}
+
+#[tokio::test]
 async fn malformed_input_gets_errors_while_others_keep_being_served() {
     let s = stack().await;
     let (mut other, _) = SignalingClient::join(&s.ws, &token("lobby", "other"))
@@ -301,9 +379,12 @@ async fn malformed_input_gets_errors_while_others_keep_being_served() {
     let mut c = SignalingClient::connect(&s.ws).await.unwrap();
 
     // Before join.
-    c.send(&ClientMessage::Offer { sdp: "v=0".into() })
-        .await
-        .unwrap();
+    c.send(&ClientMessage::Offer {
+        sdp: "v=0".into(),
+        tracks: vec![],
+    })
+    .await
+    .unwrap();
     expect_error(&mut c, ErrorCode::NotJoined).await;
     // Garbage JSON, a JSON object of the wrong shape, a binary frame.
     c.send_text("{not json".into()).await.unwrap();
@@ -331,6 +412,7 @@ async fn malformed_input_gets_errors_while_others_keep_being_served() {
     let _ = self_sid(&joined);
     c.send(&ClientMessage::Offer {
         sdp: "hello".into(),
+        tracks: vec![],
     })
     .await
     .unwrap();
@@ -339,6 +421,7 @@ async fn malformed_input_gets_errors_while_others_keep_being_served() {
     // limit) arrives whole: it is answered as the bad SDP it is.
     c.send(&ClientMessage::Offer {
         sdp: format!("v=0\r\n{}", "a=x-filler\r\n".repeat(3500)),
+        tracks: vec![],
     })
     .await
     .unwrap();

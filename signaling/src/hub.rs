@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chorus_protocol::client::{ErrorCode, Grants, IceServer, ParticipantInfo, ServerMessage};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
-use chorus_protocol::PROTOCOL_VERSION;
+use chorus_protocol::track::{Quality, TrackInfo, TrackSource};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -89,9 +89,13 @@ struct Participant {
     identity: String,
     name: String,
     grants: Grants,
+    /// The client protocol version the seat was taken with (1: audio only, 2: video).
+    protocol: u32,
     muted: bool,
     speaking: bool,
     publishing: bool,
+    /// What the node last said the participant publishes (`FromNode::Tracks`).
+    tracks: Vec<TrackInfo>,
     node: String,
     session: Option<Session>,
     /// Server-side noise suppression is on for this participant.
@@ -113,6 +117,20 @@ impl Participant {
             muted: self.muted,
             speaking: self.speaking,
             publishing: self.publishing,
+            tracks: self
+                .tracks
+                .iter()
+                .map(|t| TrackInfo {
+                    // Signaling owns the mute state: show it on the microphone at once,
+                    // not when the node next reports the tracks.
+                    muted: if t.source == TrackSource::Microphone {
+                        self.muted
+                    } else {
+                        t.muted
+                    },
+                    ..t.clone()
+                })
+                .collect(),
         }
     }
 
@@ -291,10 +309,12 @@ impl Hub {
     }
 
     /// Seats the token's identity in the token's room (or takes back its seat).
+    /// `protocol` is the client protocol version the client asked for (1 or 2).
     pub fn join(
         &self,
         claims: &Claims,
         resume: bool,
+        protocol: u32,
         conn: u64,
         tx: SessionTx,
     ) -> Result<Joined, HubError> {
@@ -317,7 +337,14 @@ impl Hub {
             .copied();
 
         if let Some(id) = existing {
-            if resume {
+            // The media session was set up for the seat's protocol (video offered or
+            // not); a client speaking another version cannot take it over as it is, so
+            // it gets a fresh seat (`resumed: false`) and negotiates anew.
+            let same_protocol = st
+                .participants
+                .get(&id)
+                .is_some_and(|p| p.protocol == protocol);
+            if resume && same_protocol {
                 let p = st
                     .participants
                     .get_mut(&id)
@@ -368,9 +395,11 @@ impl Hub {
             identity: claims.sub.clone(),
             name: claims.display_name().to_string(),
             grants: claims.grants,
+            protocol,
             muted: false,
             speaking: false,
             publishing: false,
+            tracks: Vec::new(),
             node: node.clone(),
             session: Some(Session { conn, tx }),
             enhanced: false,
@@ -388,6 +417,7 @@ impl Hub {
                 name: claims.display_name().to_string(),
                 publish: claims.grants.publish,
                 subscribe: claims.grants.subscribe,
+                video: protocol >= 2,
             });
         }
         st.participants.insert(id, p);
@@ -411,23 +441,58 @@ impl Hub {
     }
 
     /// Relays a client's SDP/ICE to the participant's node. Returns an error for the
-    /// client when the seat is gone.
-    pub fn to_node(&self, participant: u64, conn: u64, msg: ToNode) -> Result<(), HubError> {
+    /// client when the seat is gone. An offer's `tracks` are the client's declarations
+    /// on the way in; they are resolved against the SDP and checked against the grants
+    /// here ([`crate::tracks::resolve_offer`]), and a refused offer never reaches the
+    /// node.
+    pub fn to_node(&self, participant: u64, conn: u64, mut msg: ToNode) -> Result<(), HubError> {
         let st = self.lock();
         let p = owned(&st, participant, conn)?;
-        if let ToNode::ClientOffer { sdp, .. } = &msg {
-            if !p.grants.publish && sdp_sends_media(sdp) {
-                return Err((
-                    ErrorCode::Forbidden,
-                    "this token does not grant publishing; offer recvonly media".into(),
-                ));
-            }
+        if let ToNode::ClientOffer { sdp, tracks, .. } = &mut msg {
+            *tracks = crate::tracks::resolve_offer(sdp, tracks, &p.grants)
+                .map_err(|e| (e.code(), e.to_string()))?;
         }
         let node = st.nodes.get(&p.node).ok_or((
             ErrorCode::NoMediaNode,
             "the media server for this room went away".into(),
         ))?;
         let _ = node.tx.send(msg);
+        Ok(())
+    }
+
+    /// The most `participant` wants of another participant's track. Only tracks someone
+    /// else in the room publishes now are passed on; anything else is `unknown_track`.
+    pub fn update_subscription(
+        &self,
+        participant: u64,
+        conn: u64,
+        track: String,
+        max_quality: Quality,
+    ) -> Result<(), HubError> {
+        let st = self.lock();
+        let p = owned(&st, participant, conn)?;
+        let published = st.rooms.get(&p.room).is_some_and(|r| {
+            r.participants
+                .iter()
+                .filter(|id| **id != participant)
+                .filter_map(|id| st.participants.get(id))
+                .any(|o| o.tracks.iter().any(|t| t.sid == track))
+        });
+        if !published {
+            return Err((
+                ErrorCode::UnknownTrack,
+                format!("no one else in this room publishes a track {track:?}"),
+            ));
+        }
+        let node = st.nodes.get(&p.node).ok_or((
+            ErrorCode::NoMediaNode,
+            "the media server for this room went away".into(),
+        ))?;
+        let _ = node.tx.send(ToNode::SetSubscription {
+            participant,
+            track,
+            max_quality,
+        });
         Ok(())
     }
 
@@ -705,6 +770,26 @@ impl Hub {
                     std::mem::replace(&mut p.publishing, publishing) != publishing
                 });
             }
+            FromNode::Tracks {
+                participant,
+                tracks,
+            } => {
+                update_locked(&mut st, participant, node_id, |p| {
+                    std::mem::replace(&mut p.tracks, tracks) != p.tracks
+                });
+            }
+            FromNode::TrackQuality {
+                participant,
+                track,
+                quality,
+            } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    p.send(ServerMessage::TrackQuality {
+                        track_sid: track,
+                        quality,
+                    });
+                }
+            }
             FromNode::ParticipantGone {
                 participant,
                 reason,
@@ -730,6 +815,7 @@ impl Hub {
                     let code = match code {
                         NodeErrorCode::InvalidSdp => ErrorCode::InvalidSdp,
                         NodeErrorCode::InvalidCandidate => ErrorCode::InvalidCandidate,
+                        NodeErrorCode::UnknownTrack => ErrorCode::UnknownTrack,
                         NodeErrorCode::UnknownParticipant | NodeErrorCode::Internal => {
                             ErrorCode::Internal
                         }
@@ -958,35 +1044,6 @@ fn send_chat(st: &State, node_id: &str, participants: Vec<u64>, frame: &ChatServ
     }
 }
 
-/// True if an SDP offers to send media: an m-section with a non-zero port whose direction
-/// is `sendrecv` or `sendonly` (`sendrecv` when none is given, per RFC 3264).
-pub fn sdp_sends_media(sdp: &str) -> bool {
-    let mut in_media = false;
-    let mut port_zero = false;
-    let mut sends = true;
-    let mut any = false;
-    for line in sdp.lines().map(str::trim) {
-        if let Some(m) = line.strip_prefix("m=") {
-            if in_media && !port_zero && sends && !m.is_empty() {
-                any = true;
-            }
-            let mut parts = m.split_whitespace();
-            let kind = parts.next().unwrap_or("");
-            port_zero = parts.next() == Some("0");
-            // Data channels carry chat, which has its own grant.
-            in_media = kind == "audio" || kind == "video";
-            sends = true;
-        } else if in_media {
-            match line {
-                "a=recvonly" | "a=inactive" => sends = false,
-                "a=sendonly" | "a=sendrecv" => sends = true,
-                _ => {}
-            }
-        }
-    }
-    any || (in_media && !port_zero && sends)
-}
-
 fn owned(st: &State, participant: u64, conn: u64) -> Result<&Participant, HubError> {
     match st.participants.get(&participant) {
         Some(p) if p.session.as_ref().map(|s| s.conn) == Some(conn) => Ok(p),
@@ -1089,7 +1146,7 @@ fn joined_message(st: &State, config: &HubConfig, id: u64, resumed: bool) -> Ser
         ice_servers.push(turn.credentials(&me.identity));
     }
     ServerMessage::Joined {
-        protocol: PROTOCOL_VERSION,
+        protocol: me.protocol,
         room: me.room.clone(),
         me: me.info(),
         participants,
@@ -1107,26 +1164,7 @@ fn joined_message(st: &State, config: &HubConfig, id: u64, resumed: bool) -> Ser
 }
 
 #[cfg(test)]
-mod tests {
-    use super::sdp_sends_media;
-
-    #[test]
-    fn detects_sending_media_sections() {
-        let send = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\n";
-        let recv = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n";
-        let default_dir = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n";
-        let stopped = "v=0\r\nm=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n";
-        let data = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
-        let mixed = "v=0\r\nm=audio 9 X 111\r\na=sendrecv\r\nm=audio 9 X 111\r\na=recvonly\r\n";
-        assert!(sdp_sends_media(send));
-        assert!(!sdp_sends_media(recv));
-        assert!(sdp_sends_media(default_dir));
-        assert!(!sdp_sends_media(stopped));
-        assert!(!sdp_sends_media(data));
-        assert!(sdp_sends_media(mixed));
-        assert!(!sdp_sends_media("hello"));
-    }
-}
+mod video_tests;
 
 #[cfg(test)]
 mod chat_tests {
@@ -1181,6 +1219,7 @@ mod chat_tests {
                 .join(
                     &claims(identity, grants),
                     false,
+                    chorus_protocol::PROTOCOL_VERSION,
                     self._sessions.len() as u64,
                     tx,
                 )
@@ -1230,6 +1269,7 @@ mod chat_tests {
                             hub.join(
                                 &claims(&who, Grants::default_participant()),
                                 false,
+                                chorus_protocol::PROTOCOL_VERSION,
                                 (t * 100 + i) as u64,
                                 tx,
                             )

@@ -11,6 +11,7 @@ pub mod http;
 pub mod hub;
 pub mod room_settings;
 pub mod token;
+pub mod tracks;
 pub mod ws;
 
 use std::collections::HashMap;

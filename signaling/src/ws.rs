@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chorus_protocol::client::{ClientMessage, ErrorCode, ServerMessage, MAX_CLIENT_MESSAGE_BYTES};
 use chorus_protocol::control::ToNode;
-use chorus_protocol::PROTOCOL_VERSION;
+use chorus_protocol::{PROTOCOL_AUDIO_ONLY, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -181,15 +181,18 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 },
                 None,
             ) => {
-                if let Some(v) = protocol {
-                    if v != PROTOCOL_VERSION {
-                        error(
-                            ErrorCode::UnsupportedProtocol,
-                            &format!("protocol version {v} is not supported; this server speaks {PROTOCOL_VERSION}"),
-                        );
-                        let _ = tx.try_send(Outbound::Close(4002, "unsupported protocol".into()));
-                        break;
-                    }
+                // No `protocol` is a client from before versions were sent: audio only.
+                let version = protocol.unwrap_or(PROTOCOL_AUDIO_ONLY);
+                if !(PROTOCOL_AUDIO_ONLY..=PROTOCOL_VERSION).contains(&version) {
+                    error(
+                        ErrorCode::UnsupportedProtocol,
+                        &format!(
+                            "protocol version {version} is not supported; this server speaks \
+                             {PROTOCOL_AUDIO_ONLY} (audio only) and {PROTOCOL_VERSION} (video)"
+                        ),
+                    );
+                    let _ = tx.try_send(Outbound::Close(4002, "unsupported protocol".into()));
+                    break;
                 }
                 let claims = match verifier.verify(&token) {
                     Ok(c) => c,
@@ -222,7 +225,7 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                     let _ = tx.try_send(Outbound::Close(4003, "forbidden".into()));
                     break;
                 }
-                match hub.join(&claims, resume, conn, tx.clone()) {
+                match hub.join(&claims, resume, version, conn, tx.clone()) {
                     // The hub queued `joined` on this session.
                     Ok(j) => joined = Some(j.participant),
                     Err((code, message)) => {
@@ -233,13 +236,15 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 }
             }
             (_, None) => error(ErrorCode::NotJoined, "send join first"),
-            (ClientMessage::Offer { sdp }, Some(p)) => relay(
+            // The hub resolves `tracks` against the SDP and the grants before relaying.
+            (ClientMessage::Offer { sdp, tracks }, Some(p)) => relay(
                 &hub,
                 p,
                 conn,
                 ToNode::ClientOffer {
                     participant: p,
                     sdp,
+                    tracks,
                 },
                 &error,
             ),
@@ -279,6 +284,17 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
             }
             (ClientMessage::Enhance { enabled }, Some(p)) => {
                 if let Err((code, m)) = hub.set_enhanced(p, conn, enabled) {
+                    error(code, &m);
+                }
+            }
+            (
+                ClientMessage::UpdateSubscription {
+                    track_sid,
+                    max_quality,
+                },
+                Some(p),
+            ) => {
+                if let Err((code, m)) = hub.update_subscription(p, conn, track_sid, max_quality) {
                     error(code, &m);
                 }
             }

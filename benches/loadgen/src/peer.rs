@@ -374,6 +374,7 @@ async fn run_inner(
     let mut pending = Some(pending);
     sig.send(&ClientMessage::Offer {
         sdp: offer.to_sdp_string(),
+        tracks: Vec::new(),
     })
     .await?;
 

@@ -465,7 +465,10 @@ pub async fn run(
     let mut media = Media::new(local, Instant::now())?;
     let mut publish = grants.publish;
     let sdp = media.offer(publish);
-    let _ = sig_out.send(ClientMessage::Offer { sdp });
+    let _ = sig_out.send(ClientMessage::Offer {
+        sdp,
+        tracks: Vec::new(),
+    });
     // Our host candidate is in the offer; the SFU is ICE-lite and needs no trickle.
 
     let mut capture = Capture::new(config.encoder, config.denoise, config.gate)?;
@@ -661,7 +664,7 @@ pub async fn run(
                             media = Media::new(local, Instant::now())?;
                             publish = grants.publish;
                             let sdp = media.offer(publish);
-                            let _ = sig_out.send(ClientMessage::Offer { sdp });
+                            let _ = sig_out.send(ClientMessage::Offer { sdp, tracks: Vec::new() });
                             let _ = events.send(Event::Joined { room: room.clone(), me, participants });
                         }
                     }
@@ -937,7 +940,10 @@ fn handle_server_message(
         ServerMessage::Left { reason } => {
             return Some(format!("the server ended the session: {reason}"))
         }
-        ServerMessage::Pong { .. } | ServerMessage::Joined { .. } => {}
+        // Layer reports are for video, which this audio-only client never receives.
+        ServerMessage::Pong { .. }
+        | ServerMessage::Joined { .. }
+        | ServerMessage::TrackQuality { .. } => {}
     }
     None
 }

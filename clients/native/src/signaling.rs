@@ -50,7 +50,9 @@ impl SignalingClient {
             token: token.to_string(),
             room: None,
             resume,
-            protocol: Some(chorus_protocol::PROTOCOL_VERSION),
+            // Audio only: the server then never offers this client video, which it
+            // could not play (docs/protocol.md, protocol 1).
+            protocol: Some(chorus_protocol::PROTOCOL_AUDIO_ONLY),
         })
         .await?;
         match c.recv_timeout(Duration::from_secs(10)).await? {

@@ -1331,6 +1331,7 @@ mod tests {
             muted: false,
             speaking: false,
             publishing: true,
+            tracks: vec![],
         }
     }
 
