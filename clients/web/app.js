@@ -25,6 +25,14 @@ const chatSend = $("chat-send");
 const chatHint = $("chat-hint");
 const chatErrorBox = $("chat-error");
 const typingLine = $("typing-indicator");
+const cameraButton = $("camera-button");
+const screenButton = $("screen-button");
+const cameraSelect = $("camera-select");
+const cameraPick = cameraSelect.closest("label");
+const roomBody = $("room-body");
+const videoArea = $("video");
+const stage = $("stage");
+const tilesBox = $("tiles");
 
 /** Server limit on a message's length, in Unicode scalar values (docs/protocol.md). */
 const CHAT_MAX_CHARS = 4000;
@@ -53,6 +61,11 @@ const ERROR_TEXT = {
   invalid_candidate: "A network candidate was rejected.",
   message_too_large: "A message was too large to send.",
   media_denied: "Microphone unavailable — you can listen, but others won't hear you.",
+  camera_denied: "The browser did not allow the camera — allow it for this site (the camera icon in the address bar), then press Camera again.",
+  camera_unavailable: "No camera could be opened — is one connected, and not in use by another application?",
+  screen_denied: "Screen sharing was cancelled or not allowed.",
+  screen_unavailable: "This browser cannot share the screen.",
+  unsupported_codec: "This browser cannot send video with the requested codec.",
   reconnect_failed: "Lost the connection to the server.",
   connection_closed: "The connection to the server closed.",
   connect_failed: "Could not reach the server.",
@@ -62,6 +75,11 @@ const ERROR_TEXT = {
 
 const params = new URLSearchParams(location.search);
 const urlToken = params.get("token");
+/** ?codec=h264 (or vp8, vp9, av1): the camera offers only that codec (for testing). */
+const cameraCodec = params.get("codec") || undefined;
+const canShareScreen = !!(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
+/** A Camera / Share screen press is being carried out (device prompt, negotiation). */
+const busy = { camera: false, screen: false };
 
 /** @type {ChorusClient|null} */
 let client = null;
@@ -103,6 +121,16 @@ enhanceToggle.addEventListener("change", () => {
   localStorage.setItem("chorus.enhance", enhanceToggle.checked ? "1" : "0");
   if (client) client.setEnhanced(enhanceToggle.checked);
 });
+cameraButton.addEventListener("click", () => toggleVideo("camera"));
+screenButton.addEventListener("click", () => toggleVideo("screen"));
+screenButton.hidden = !canShareScreen;
+cameraSelect.addEventListener("change", () => {
+  // Switching cameras while on swaps the track in place (no renegotiation).
+  if (client && client.isPublishing("camera")) startCamera().catch(() => {});
+});
+if (navigator.mediaDevices && navigator.mediaDevices.addEventListener) {
+  navigator.mediaDevices.addEventListener("devicechange", () => refreshCameras());
+}
 leaveButton.addEventListener("click", () => {
   if (!client) return;
   client.leave();
@@ -195,7 +223,9 @@ async function devToken(name, room) {
 
 function wire(c) {
   const rerender = () => {
-    if (c === client) renderParticipants();
+    if (c !== client) return;
+    renderParticipants();
+    renderVideo();
   };
   c.addEventListener("joined", (e) => {
     if (c !== client) return;
@@ -203,8 +233,10 @@ function wire(c) {
     chatInput.placeholder = `Message #${e.detail.room}`;
     renderChatControls();
     renderParticipants();
+    renderVideo();
     syncAudio();
     renderControls();
+    refreshCameras();
   });
   c.addEventListener("participant-joined", rerender);
   c.addEventListener("participant-updated", rerender);
@@ -213,7 +245,16 @@ function wire(c) {
     if (c !== client) return;
     removeAudio(e.detail.sid);
     renderParticipants();
+    renderVideo();
   });
+  for (const type of ["remote-track", "remote-track-removed", "track-quality"]) c.addEventListener(type, rerender);
+  for (const type of ["local-track", "local-track-removed"]) {
+    c.addEventListener(type, () => {
+      if (c !== client) return;
+      renderVideo();
+      renderControls();
+    });
+  }
   c.addEventListener("track", (e) => {
     if (c !== client) return;
     attachAudio(e.detail.sid, e.detail.stream);
@@ -224,6 +265,7 @@ function wire(c) {
   c.addEventListener("connection-state", (e) => {
     if (c !== client) return;
     renderState(e.detail.state);
+    renderControls();
     if (e.detail.state === "disconnected") {
       syncAudio();
       showJoin();
@@ -279,8 +321,16 @@ function wire(c) {
   });
   c.addEventListener("error", (e) => {
     if (c !== client) return;
-    const { code, message } = e.detail;
-    const text = ERROR_TEXT[code] || `Something went wrong: ${message || code}`;
+    const { code, message, name } = e.detail;
+    let text = ERROR_TEXT[code] || `Something went wrong: ${message || code}`;
+    if (code === "forbidden" && /may not publish/i.test(message || "")) {
+      // A token limited to some sources (can_publish_sources): say which, in the server's words.
+      text = `Your access token does not allow that (${message}).`;
+    } else if (code === "camera_unavailable" && name === "NotFoundError") {
+      text = "No camera was found — connect one and press Camera again.";
+    } else if (code === "camera_unavailable" && name === "NotReadableError") {
+      text = "The camera is in use by another application (or the system blocked it).";
+    }
     // Non-fatal, transient problems disappear by themselves.
     const transient = ["rate_limited", "invalid_candidate", "message_too_large"].includes(code);
     showError(text, transient ? 6000 : 0, code);
@@ -291,6 +341,7 @@ function wire(c) {
 
 function showRoom(room) {
   form.hidden = true;
+  clearTiles();
   roomView.hidden = false;
   card.classList.add("in-room");
   roomName.textContent = room || "";
@@ -306,7 +357,9 @@ function showJoin() {
   card.classList.remove("in-room");
   list.replaceChildren();
   resetChat();
+  clearTiles();
   for (const el of [...sinks.children]) removeAudio(el.dataset.sid);
+  renderControls();
 }
 
 function renderState(state) {
@@ -318,6 +371,220 @@ function renderControls() {
   const muted = !!(client && client.muted);
   muteButton.textContent = muted ? "Unmute" : "Mute";
   muteButton.setAttribute("aria-pressed", String(muted));
+  const seated = !!(client && client.grants && client.state !== "disconnected");
+  const mayPublish = seated && client.grants.publish !== false;
+  for (const [source, button, on, off] of [
+    ["camera", cameraButton, "Stop camera", "Camera"],
+    ["screen", screenButton, "Stop sharing", "Share screen"],
+  ]) {
+    const active = !!(client && client.isPublishing(source));
+    button.textContent = active ? on : off;
+    button.setAttribute("aria-pressed", String(active));
+    button.disabled = !mayPublish || busy[source];
+    button.title = seated && !mayPublish ? "Your access token does not allow publishing" : "";
+  }
+}
+
+// ------------------------------------------------------------------ video
+
+async function toggleVideo(source) {
+  if (!client || busy[source]) return;
+  busy[source] = true;
+  renderControls();
+  try {
+    if (client.isPublishing(source)) await client.unpublish(source);
+    else if (source === "camera") await startCamera();
+    else await client.publishScreen();
+  } catch (e) {
+    // The SDK reported ChorusErrors through its "error" event already.
+    if (!(e && e.code)) showError(`Could not start the ${source}: ${e && e.message ? e.message : e}`);
+  } finally {
+    busy[source] = false;
+    renderControls();
+  }
+}
+
+async function startCamera() {
+  const opts = { codec: cameraCodec };
+  if (cameraSelect.value) opts.deviceId = cameraSelect.value;
+  await client.publishCamera(opts);
+  // Device labels are only readable once a camera permission exists.
+  refreshCameras();
+}
+
+/** Fill the camera picker from the browser's video inputs, keeping the current choice. */
+async function refreshCameras() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
+  let devices = [];
+  try {
+    devices = (await navigator.mediaDevices.enumerateDevices()).filter((d) => d.kind === "videoinput");
+  } catch {
+    return;
+  }
+  const local = client && client.localTracks.get("camera");
+  const current = (local && local.deviceId) || cameraSelect.value;
+  const options = devices.map((d, i) => {
+    const o = document.createElement("option");
+    o.value = d.deviceId;
+    o.textContent = d.label || `Camera ${i + 1}`;
+    return o;
+  });
+  cameraSelect.replaceChildren(...options);
+  if (current && devices.some((d) => d.deviceId === current)) cameraSelect.value = current;
+  // Before any permission the ids are empty: a picker of blank choices helps nobody.
+  cameraPick.hidden = devices.length === 0 || devices.every((d) => !d.deviceId);
+}
+
+/**
+ * What the grid should show: our own camera/screen (a local preview, as soon as it
+ * captures) and every video track other participants list in `tracks`. Tiles follow
+ * `tracks`, not ontrack: a stopped track's m-section stays around for reuse.
+ */
+function videoEntries() {
+  if (!client || !client.self) return [];
+  const out = [];
+  const self = client.self;
+  for (const source of ["screen", "camera"]) {
+    const local = client.localTracks.get(source);
+    if (!local) continue;
+    out.push({ sid: self.sid, source, p: self, isSelf: true, track: local.track, trackSid: local.trackSid || "", pending: local.state === "pending" });
+  }
+  const others = [...client.participants.values()].sort((a, b) =>
+    (a.name || a.identity).localeCompare(b.name || b.identity));
+  for (const p of others) {
+    for (const t of Array.isArray(p.tracks) ? p.tracks : []) {
+      if (t.kind !== "video" || (t.source !== "camera" && t.source !== "screen")) continue;
+      const remote = client.remoteTracks.get(t.sid);
+      out.push({ sid: p.sid, source: t.source, p, isSelf: false, track: remote ? remote.track : null, trackSid: t.sid, pending: false });
+    }
+  }
+  return out;
+}
+
+function renderVideo() {
+  const entries = videoEntries();
+  const existing = new Map([...videoArea.querySelectorAll('[data-testid="video-tile"]')].map((el) => [el.dataset.key, el]));
+  const cams = [];
+  const screens = [];
+  for (const e of entries) {
+    const key = `${e.sid}:${e.source}`;
+    const el = existing.get(key) || makeTile(key);
+    existing.delete(key);
+    updateTile(el, e);
+    (e.source === "screen" ? screens : cams).push(el);
+  }
+  for (const el of existing.values()) dropTile(el);
+  placeChildren(stage, screens);
+  placeChildren(tilesBox, cams);
+  const any = entries.length > 0;
+  videoArea.hidden = !any;
+  videoArea.classList.toggle("has-stage", screens.length > 0);
+  videoArea.dataset.cameras = String(cams.length);
+  stage.hidden = screens.length === 0;
+  roomBody.classList.toggle("has-video", any);
+  card.classList.toggle("has-video", any);
+  // Moving a <video> in the DOM pauses it; start any that stopped.
+  for (const v of videoArea.querySelectorAll("video")) {
+    if (v.srcObject && v.paused) v.play().catch(() => {});
+  }
+}
+
+/**
+ * Make `box`'s children exactly `els`, in order, moving only what is out of place:
+ * re-inserting a playing <video> pauses it and flashes the tile.
+ */
+function placeChildren(box, els) {
+  els.forEach((el, i) => {
+    if (box.children[i] !== el) box.insertBefore(el, box.children[i] || null);
+  });
+  while (box.children.length > els.length) dropTile(box.lastElementChild);
+}
+
+function makeTile(key) {
+  const el = document.createElement("div");
+  el.className = "tile";
+  el.dataset.testid = "video-tile";
+  el.dataset.key = key;
+  const video = document.createElement("video");
+  video.autoplay = true;
+  video.playsInline = true;
+  video.muted = true; // the <audio> sinks play the sound; a muted video may autoplay
+  video.setAttribute("playsinline", "");
+  video.setAttribute("muted", "");
+  video.addEventListener("resize", () => markFrames(el, video));
+  video.addEventListener("loadeddata", () => markFrames(el, video));
+  const avatar = document.createElement("div");
+  avatar.className = "tile-avatar";
+  avatar.setAttribute("aria-hidden", "true");
+  const bar = document.createElement("div");
+  bar.className = "tile-bar";
+  bar.innerHTML =
+    '<span class="tile-name"></span>' +
+    '<svg class="muted-icon" viewBox="0 0 24 24" role="img" aria-label="muted" fill="none" stroke="currentColor" stroke-width="2" stroke-linecap="round" stroke-linejoin="round">' +
+    '<path d="M9 9v3a3 3 0 0 0 5.1 2.1M15 9.3V5a3 3 0 0 0-5.9-.8"/><path d="M19 11a7 7 0 0 1-1.1 3.8M5 11a7 7 0 0 0 11.3 5.5"/>' +
+    '<path d="M12 18v3"/><path d="M3 3l18 18"/></svg>' +
+    '<span class="quality-badge" data-testid="quality-badge" title="The layer you receive"></span>';
+  el.append(video, avatar, bar);
+  return el;
+}
+
+function markFrames(el, video) {
+  el.dataset.frames = String(video.videoWidth > 0);
+  el.dataset.videoWidth = String(video.videoWidth);
+}
+
+function updateTile(el, e) {
+  const name = e.p.name || e.p.identity;
+  el.dataset.sid = e.sid;
+  el.dataset.source = e.source;
+  el.dataset.identity = e.p.identity;
+  el.dataset.trackSid = e.trackSid;
+  el.dataset.self = String(e.isSelf);
+  el.dataset.pending = String(e.pending);
+  el.dataset.live = String(!!e.track);
+  // The ring means "this person talks", which a screen does not.
+  el.dataset.speaking = String(e.source === "camera" && !!e.p.speaking);
+  el.dataset.muted = String(e.source === "camera" && !!e.p.muted);
+  el.dataset.dominant = String(e.source === "camera" && client.dominantSid === e.sid);
+  el.title = e.source === "screen" ? `${name}'s screen` : name;
+  el.querySelector(".tile-avatar").textContent = name.slice(0, 1).toUpperCase();
+  el.querySelector(".tile-name").textContent =
+    e.source === "screen" ? `${name}${e.isSelf ? " (you)" : ""} — screen` : `${name}${e.isSelf ? " (you)" : ""}`;
+  const video = el.querySelector("video");
+  if (video._track !== e.track) {
+    video._track = e.track;
+    video.srcObject = e.track ? new MediaStream([e.track]) : null;
+    el.dataset.frames = "false";
+    if (e.track) video.play().catch(() => {});
+  }
+  const badge = el.querySelector('[data-testid="quality-badge"]');
+  if (e.isSelf) {
+    // What we receive is meaningless for our own preview.
+    badge.textContent = "you";
+    badge.dataset.quality = "local";
+  } else {
+    const q = client.trackQuality.get(e.trackSid);
+    badge.textContent = q || "…";
+    badge.dataset.quality = q || "unknown";
+    badge.title = q ? `Receiving the ${q} layer` : "Waiting for video";
+  }
+}
+
+function dropTile(el) {
+  const video = el.querySelector("video");
+  if (video) {
+    video._track = null;
+    video.srcObject = null;
+  }
+  el.remove();
+}
+
+function clearTiles() {
+  for (const el of [...videoArea.querySelectorAll('[data-testid="video-tile"]')]) dropTile(el);
+  videoArea.hidden = true;
+  videoArea.classList.remove("has-stage");
+  roomBody.classList.remove("has-video");
+  card.classList.remove("has-video");
 }
 
 function renderParticipants() {

@@ -1,10 +1,14 @@
-// Chorus browser SDK: signaling (docs/protocol.md, version 1) + one RTCPeerConnection.
+// Chorus browser SDK: signaling (docs/protocol.md, version 2) + one RTCPeerConnection.
 // No UI code. Plain ES module, no dependencies.
 //
 //   const client = new ChorusClient({ audio: { echoCancellation: false } });
 //   client.addEventListener("track", (e) => attach(e.detail.sid, e.detail.stream));
 //   await client.connect({ url: "wss://host/ws", token });
 //   client.setMuted(true);
+//   await client.publishCamera();          // or publishCamera({deviceId, codec: "h264"})
+//   await client.publishScreen();
+//   client.unpublish("camera");
+//   client.setTrackQuality(trackSid, "low"); // off | low | medium | high
 //   client.leave();
 //
 // Events (CustomEvent, payload in `event.detail`):
@@ -12,12 +16,25 @@
 //   participant-joined   {participant}
 //   participant-updated  {participant, isSelf}
 //   participant-left     {sid, identity, reason}
-//   track                {sid, stream, track}      remote audio of participant `sid`
+//   track                {sid, stream, track}      remote media of participant `sid` (the
+//                                                 stream `p<sid>` carries all its tracks)
 //   track-removed        {sid, stream, track}
 //   connection-state     {state}   connecting | connected | reconnecting | disconnected
 //   media-state          {state}   RTCPeerConnection.connectionState
 //   left                 {reason}  the server ended the session (e.g. "replaced")
-//   error                {code, message}
+//   error                {code, message, name?}
+//
+// Video (docs/protocol.md, "Tracks and video"). A remote track exists once the
+// participant lists it in `tracks` AND the server's SDP has mapped it to a transceiver
+// (the `a=msid` track id of its m-section is the track sid):
+//   remote-track         {participantSid, trackSid, source, kind, codec, track, stream, mid}
+//   remote-track-removed {participantSid, trackSid, source, kind}
+//   track-quality        {trackSid, quality}   the layer we receive (off|low|medium|high)
+//   local-track          {source, track, stream, state}  our camera/screen for a preview;
+//                                                 state "pending" until the server accepts
+//                                                 it, then "published" (fires again)
+//   local-track-removed  {source, reason}   "unpublished" | "ended" | "refused"
+//   publish-error        {source, code, message}   the server refused to publish it
 //
 // Text chat (docs/protocol.md, "Text chat"), over two data channels on the same
 // RTCPeerConnection (created before the one offer, so they need no renegotiation):
@@ -32,7 +49,29 @@
 //   const ref = client.sendChat("hi"); client.deleteChat(id); client.setTyping(true);
 //   client.getChatMessages()  // ordered by id
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
+
+/** Video sources a client publishes with publishCamera() / publishScreen(). */
+export const VIDEO_SOURCES = ["camera", "screen"];
+export const QUALITIES = ["off", "low", "medium", "high"];
+
+/**
+ * Camera simulcast (docs/protocol.md "Publishing"): rids q/h/f, lowest first, at 1/4, 1/2
+ * and full resolution. A 1280x720 capture gives 320x180, 640x360 and 1280x720.
+ */
+const CAMERA_SIMULCAST = [
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
+/** A camera smaller than 720p sends one layer: scaling it further gives useless layers. */
+const CAMERA_SINGLE = [{ maxBitrate: 600_000 }];
+/** Screen share: one layer, text must stay sharp, so few frames and many bits. */
+const SCREEN_ENCODING = [{ maxBitrate: 2_500_000, maxFramerate: 15 }];
+const SCREEN_CONSTRAINTS = {
+  video: { width: { max: 1920 }, height: { max: 1080 }, frameRate: { max: 15 } },
+  audio: false,
+};
 
 const DEFAULT_AUDIO = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 
@@ -118,6 +157,33 @@ export class ChorusClient extends EventTarget {
     this._offerSent = false;
     this._micPromise = null;
     this._joinWaiter = null;
+
+    // Video. Negotiation after the first offer (docs/protocol.md "No glare"): we offer
+    // only when stable with no offer of ours unanswered; a change made meanwhile sets
+    // _needsOffer and goes out after the answer.
+    this._ownOfferPending = false;
+    this._needsOffer = false;
+    /** Sources whose publication rides on the offer now outstanding (rolled back if refused). */
+    this._offeredSources = new Set();
+    /**
+     * Our published (or being published) video: source → {source, track, stream,
+     * transceiver, state: "pending"|"published", trackSid}.
+     */
+    this.localTracks = new Map();
+    /** Transceivers we created per source, kept after unpublish for reuse (no SDP growth). */
+    this._sourceTransceivers = new Map();
+    /** The microphone's transceiver (its m-section is declared as `microphone`). */
+    this._micTransceiver = null;
+    /** Remote tracks by track sid (see the remote-track event). */
+    this.remoteTracks = new Map();
+    /** What the server's SDP says each receiving m-section carries: mid → {streamId, trackSid}. */
+    this._remoteMids = new Map();
+    /** Remote MediaStreams by id (`p<sid>`), as ontrack delivered them. */
+    this._streamsById = new Map();
+    /** The layer we receive of each remote video track (track_quality), by track sid. */
+    this.trackQuality = new Map();
+    /** The max_quality we asked for, by track sid. */
+    this.subscriptionQuality = new Map();
 
     // Text chat.
     /** @type {RTCDataChannel|null} */
@@ -275,6 +341,96 @@ export class ChorusClient extends EventTarget {
     this._typingIdleTimer = setTimeout(() => {
       if (this._typing) this._sendTyping(false);
     }, TYPING_IDLE_MS);
+  }
+
+  // ------------------------------------------------------------------ video API
+
+  /**
+   * Turn the camera on, or switch to another camera while it is on (same sender, no
+   * renegotiation). Resolves with the local track entry once the capture runs and the
+   * offer is on its way; the server's verdict follows as `local-track` with state
+   * "published", or as `publish-error` + `local-track-removed` (the offer is rolled back).
+   * Rejects with a ChorusError (code camera_denied / camera_unavailable / not_joined)
+   * when there is nothing to publish; an `error` event says the same for the UI.
+   * @param {object} [opts]
+   * @param {string} [opts.deviceId] a videoinput deviceId (enumerateDevices)
+   * @param {"vp8"|"h264"|"vp9"|"av1"} [opts.codec] offer only this codec (default: the
+   *   browser's order, VP8 first)
+   * @param {number} [opts.width=1280] @param {number} [opts.height=720] ideal capture size
+   * @param {RTCDegradationPreference} [opts.degradationPreference] e.g. "maintain-resolution"
+   */
+  async publishCamera({ deviceId, codec, width = 1280, height = 720, degradationPreference } = {}) {
+    this._requirePublish("camera");
+    const video = { width: { ideal: width }, height: { ideal: height } };
+    if (deviceId) video.deviceId = { exact: deviceId };
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ video, audio: false });
+    } catch (e) {
+      throw this._captureFailed("camera", e);
+    }
+    const track = stream.getVideoTracks()[0];
+    const s = track.getSettings ? track.getSettings() : {};
+    // Three layers only make sense from 720p up (the lowest is then 320x180).
+    const simulcast = Math.min(s.width || 0, s.height || 0) >= 720;
+    const encodings = (simulcast ? CAMERA_SIMULCAST : CAMERA_SINGLE).map((e) => ({ ...e }));
+    return this._publish("camera", track, stream, { encodings, codec, degradationPreference, deviceId: s.deviceId });
+  }
+
+  /**
+   * Share a screen, window or tab (the browser asks which): one layer up to 1920x1080 at
+   * 15 fps and 2.5 Mbps, tuned for detail. Call it from a user gesture (a click).
+   * Stopping the share from the browser's own UI unpublishes it.
+   */
+  async publishScreen({ degradationPreference } = {}) {
+    this._requirePublish("screen");
+    if (!navigator.mediaDevices || typeof navigator.mediaDevices.getDisplayMedia !== "function") {
+      const err = new ChorusError("screen_unavailable", "this browser cannot share the screen");
+      this._emitError(err.code, err.message);
+      throw err;
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getDisplayMedia(SCREEN_CONSTRAINTS);
+    } catch (e) {
+      throw this._captureFailed("screen", e);
+    }
+    const track = stream.getVideoTracks()[0];
+    // "detail": the encoder keeps resolution and sharpness and drops frames instead.
+    if ("contentHint" in track) track.contentHint = "detail";
+    const encodings = SCREEN_ENCODING.map((e) => ({ ...e }));
+    return this._publish("screen", track, stream, { encodings, degradationPreference });
+  }
+
+  /**
+   * Stop publishing `source` ("camera" or "screen"): the track stops, its transceiver goes
+   * inactive (kept for the next publish of that source) and we offer again.
+   * Resolves with false if nothing was published from it.
+   */
+  unpublish(source) {
+    return this._enqueue(() => this._unpublishStep(source, "unpublished"), { rethrow: true });
+  }
+
+  /** Whether we publish (or are publishing) `source`. */
+  isPublishing(source) {
+    return this.localTracks.has(source);
+  }
+
+  /**
+   * The most we want of a remote video track: "high" (default, the best layer sent),
+   * "medium", "low" or "off". Kept by the server across renegotiations and resumes.
+   */
+  setTrackQuality(trackSid, quality) {
+    if (!QUALITIES.includes(quality)) {
+      throw new TypeError(`quality must be one of ${QUALITIES.join(", ")}; got ${JSON.stringify(quality)}`);
+    }
+    this.subscriptionQuality.set(trackSid, quality);
+    return this._send({ type: "update_subscription", track_sid: String(trackSid), max_quality: quality });
+  }
+
+  /** Remote tracks of participant `sid` (all kinds), as the remote-track event gives them. */
+  remoteTracksOf(sid) {
+    return [...this.remoteTracks.values()].filter((t) => t.participantSid === sid);
   }
 
   /** For tests: drop the socket as a network failure would (no `leave`). */
@@ -439,6 +595,12 @@ export class ChorusClient extends EventTarget {
       case "participant_left":
         this._onParticipantLeft(msg);
         break;
+      case "track_quality":
+        if (typeof msg.track_sid === "string" && QUALITIES.includes(msg.quality)) {
+          this.trackQuality.set(msg.track_sid, msg.quality);
+          this._emit("track-quality", { trackSid: msg.track_sid, quality: msg.quality });
+        }
+        break;
       case "dominant_speaker":
         this.dominantSid = msg.sid ?? null;
         this._emit("dominant-speaker", { sid: this.dominantSid });
@@ -500,6 +662,11 @@ export class ChorusClient extends EventTarget {
       // The media session continues and the client does not offer again; re-assert our
       // mute state in case the server lost it.
       if (!!msg.self?.muted !== this.muted) this._send({ type: "mute", muted: this.muted });
+      this._learnSelfTracks();
+      this._syncRemoteTracks();
+      // An offer of ours that was outstanding when the socket dropped may never have
+      // reached the server (or its answer went to the dead socket): start it over.
+      if (this._ownOfferPending) this._enqueue(() => this._restartOwnOffer());
       return;
     }
     if (wasSeated) {
@@ -520,6 +687,11 @@ export class ChorusClient extends EventTarget {
       this._fatalError = new ChorusError(code, message);
       this._failJoin(this._fatalError);
     }
+    if (this._hasSeat && this._ownOfferPending && refusesOffer(code, message)) {
+      // The server refused our renegotiation offer (docs/protocol.md "Errors": "a refused
+      // offer changes nothing: roll it back"). Queued, so it runs after the offer step.
+      this._enqueue(() => this._rollbackRefusedOffer(code, message));
+    }
     this._emitError(code, message);
   }
 
@@ -527,17 +699,21 @@ export class ChorusClient extends EventTarget {
     if (!p || !p.sid) return;
     if (this.self && p.sid === this.self.sid) {
       this.self = p;
+      this._learnSelfTracks();
       this._emit("participant-updated", { participant: p, isSelf: true });
       return;
     }
     this.participants.set(p.sid, p);
     this._emit(event, { participant: p, isSelf: false });
+    this._syncRemoteTracks();
   }
 
   _onParticipantLeft(msg) {
     this.participants.delete(msg.sid);
     const stream = this.remoteStreams.get(msg.sid);
     this.remoteStreams.delete(msg.sid);
+    this._streamsById.delete(`p${msg.sid}`);
+    this._syncRemoteTracks();
     this._emit("participant-left", { sid: msg.sid, identity: msg.identity, reason: msg.reason, stream });
   }
 
@@ -584,7 +760,11 @@ export class ChorusClient extends EventTarget {
     };
 
     let stream = null;
-    if (this.grants.publish && this.options.publish && this.options.audio) {
+    // A token may limit `publish` to some sources; without the microphone among them the
+    // one offer would be refused as a whole, so listen instead.
+    const sources = this.grants.can_publish_sources;
+    const micAllowed = !Array.isArray(sources) || sources.includes("microphone");
+    if (this.grants.publish && micAllowed && this.options.publish && this.options.audio) {
       this._micPromise ??= this._acquireMic();
       stream = await this._micPromise;
       if (pc !== this.pc) return;
@@ -593,7 +773,7 @@ export class ChorusClient extends EventTarget {
       this.localStream = stream;
       const track = stream.getAudioTracks()[0];
       track.enabled = !this.muted;
-      pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      this._micTransceiver = pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
     } else {
       // Listen-only (no publish grant, or no microphone): release a mic acquired early.
       const early = this._micPromise;
@@ -603,10 +783,13 @@ export class ChorusClient extends EventTarget {
     }
     // Chat channels: part of the one offer, so every participant (readers too) has them.
     this._openChatChannels(pc);
+    // A fresh seat after a lost one: cameras and screens that were on stay on.
+    for (const entry of this.localTracks.values()) await this._attachLocal(pc, entry);
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     if (pc !== this.pc) return;
-    this._send({ type: "offer", sdp: pc.localDescription.sdp });
+    this._markOffered();
+    this._send({ type: "offer", sdp: pc.localDescription.sdp, tracks: this._trackDecls(pc) });
     this.timings.offerSent = performance.now();
     this._offerSent = true;
     for (const c of this._pendingCandidates.splice(0)) this._send({ type: "candidate", candidate: c });
@@ -615,18 +798,50 @@ export class ChorusClient extends EventTarget {
   async _onAnswer(sdp) {
     const pc = this.pc;
     if (!pc || pc.signalingState !== "have-local-offer") return;
-    await pc.setRemoteDescription({ type: "answer", sdp });
+    try {
+      await pc.setRemoteDescription({ type: "answer", sdp });
+    } catch (e) {
+      // An answer we cannot apply: treat it like a refusal so we are not stuck waiting.
+      if (pc.currentRemoteDescription) {
+        await this._rollbackRefusedOffer("client_media", `the server's answer was rejected: ${e && e.message ? e.message : e}`);
+        return;
+      }
+      throw e;
+    }
     this.timings.answer ??= performance.now();
+    this._ownOfferPending = false;
+    for (const source of this._offeredSources) {
+      const entry = this.localTracks.get(source);
+      if (entry && entry.state === "pending") {
+        entry.state = "published";
+        this._emitLocal(entry);
+      }
+    }
+    this._offeredSources.clear();
+    this._learnRemoteMids(sdp);
+    this._syncRemoteTracks();
+    // Changes made while the offer was out, or a server offer we ignored meanwhile (the
+    // server sends that one again by itself).
+    await this._offerIfNeeded();
   }
 
   async _onOffer(sdp) {
     const pc = this.pc;
     if (!pc) return;
+    if (this._ownOfferPending || pc.signalingState !== "stable") {
+      // Glare (docs/protocol.md "No glare"): the server abandons its offer when ours
+      // reaches it, answers ours, and offers again afterwards. So drop this one.
+      this.timings.ignoredOffers = (this.timings.ignoredOffers || 0) + 1;
+      return;
+    }
     await pc.setRemoteDescription({ type: "offer", sdp });
+    this._learnRemoteMids(sdp);
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
     if (pc !== this.pc) return;
     this._send({ type: "answer", sdp: pc.localDescription.sdp });
+    this._syncRemoteTracks();
+    await this._offerIfNeeded();
   }
 
   async _onRemoteCandidate(candidate) {
@@ -644,7 +859,9 @@ export class ChorusClient extends EventTarget {
     if (!stream) return;
     const sid = stream.id.startsWith("p") ? stream.id.slice(1) : stream.id;
     this.timings.firstTrack ??= performance.now();
+    if (ev.track && ev.track.kind === "video") this.timings.firstVideoTrack ??= performance.now();
     this.remoteStreams.set(sid, stream);
+    this._streamsById.set(stream.id, stream);
     const track = ev.track;
     const onEnded = () => {
       if (this.remoteStreams.get(sid) === stream && stream.getTracks().every((t) => t.readyState === "ended")) {
@@ -658,12 +875,353 @@ export class ChorusClient extends EventTarget {
     this._emit("track", { sid, stream, track });
   }
 
-  _enqueue(fn) {
-    this._queue = this._queue.then(fn).catch((e) => {
+  /**
+   * Run `fn` after every SDP step queued before it. A failure is reported as an `error`
+   * event (client_media); with `rethrow` the returned promise rejects instead (for API
+   * calls whose caller handles it), and the queue goes on either way.
+   */
+  _enqueue(fn, { rethrow = false } = {}) {
+    const run = this._queue.then(fn);
+    this._queue = run.catch((e) => {
+      if (rethrow) return;
       console.error("chorus: signaling step failed", e);
       this._emitError("client_media", `media negotiation failed: ${e && e.message ? e.message : e}`);
     });
-    return this._queue;
+    return rethrow ? run : this._queue;
+  }
+
+  // ------------------------------------------------------------------ video (private)
+
+  _requirePublish(source) {
+    if (!this._hasSeat || !this.pc) {
+      const err = new ChorusError("not_joined", `join a channel before publishing the ${source}`);
+      this._emitError(err.code, err.message);
+      throw err;
+    }
+    if (this.grants && this.grants.publish === false) {
+      // The server would refuse it too; say so before asking for the device.
+      const err = new ChorusError("forbidden", `this token may not publish ${source}`);
+      this._emitError(err.code, err.message);
+      throw err;
+    }
+  }
+
+  /** A getUserMedia/getDisplayMedia failure as a ChorusError, also reported as an event. */
+  _captureFailed(source, e) {
+    const name = (e && e.name) || "Error";
+    const denied = name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError";
+    const code = `${source}_${denied ? "denied" : "unavailable"}`;
+    const err = new ChorusError(code, `${source} unavailable: ${name}${e && e.message ? `: ${e.message}` : ""}`);
+    err.reason = name;
+    err.cause = e;
+    this._emit("error", { code, message: err.message, name });
+    return err;
+  }
+
+  /** Queue the publication of a captured track (see publishCamera). */
+  _publish(source, track, stream, opts) {
+    return this._enqueue(async () => {
+      const pc = this.pc;
+      if (!pc || !this._hasSeat) {
+        track.stop();
+        throw new ChorusError("not_joined", `the session ended before the ${source} was published`);
+      }
+      const existing = this.localTracks.get(source);
+      if (existing && existing.transceiver) {
+        // Another device for the same source: swap it in place, no renegotiation.
+        await existing.transceiver.sender.replaceTrack(track);
+        existing.track.removeEventListener("ended", existing.onEnded);
+        existing.track.stop();
+        existing.track = track;
+        existing.stream = stream;
+        existing.deviceId = opts.deviceId || null;
+        this._watchEnded(existing);
+        this._emitLocal(existing);
+        return existing;
+      }
+      if (existing) existing.track.stop();
+      const entry = {
+        source,
+        track,
+        stream,
+        transceiver: null,
+        state: "pending",
+        trackSid: null,
+        encodings: opts.encodings,
+        codec: opts.codec || null,
+        degradationPreference: opts.degradationPreference || null,
+        deviceId: opts.deviceId || null,
+        onEnded: null,
+      };
+      try {
+        await this._attachLocal(pc, entry);
+      } catch (e) {
+        track.stop();
+        this._emitError(e.code || "client_media", e.message || String(e));
+        throw e;
+      }
+      this.localTracks.set(source, entry);
+      this._watchEnded(entry);
+      this._emitLocal(entry);
+      this._needsOffer = true;
+      await this._offerIfNeeded();
+      return entry;
+    }, { rethrow: true });
+  }
+
+  /**
+   * Put entry's track on a transceiver of `pc`: the one this source used before (its
+   * m-section is reused, docs/protocol.md "Publishing"), or a new sendonly one.
+   */
+  async _attachLocal(pc, entry) {
+    let tr = this._sourceTransceivers.get(entry.source);
+    if (tr && (tr.currentDirection === "stopped" || tr.stopped)) tr = null;
+    if (tr) {
+      if (entry.codec) preferCodec(tr, entry.codec);
+      await tr.sender.replaceTrack(entry.track);
+      if (typeof tr.sender.setStreams === "function") tr.sender.setStreams(entry.stream);
+      tr.direction = "sendonly";
+    } else {
+      tr = pc.addTransceiver(entry.track, {
+        direction: "sendonly",
+        streams: [entry.stream],
+        sendEncodings: entry.encodings,
+      });
+      try {
+        if (entry.codec) preferCodec(tr, entry.codec);
+      } catch (e) {
+        // Not negotiated yet: stopping it keeps it out of every offer.
+        tr.stop();
+        throw e;
+      }
+      this._sourceTransceivers.set(entry.source, tr);
+    }
+    if (entry.degradationPreference) {
+      try {
+        const params = tr.sender.getParameters();
+        params.degradationPreference = entry.degradationPreference;
+        await tr.sender.setParameters(params);
+      } catch (e) {
+        console.warn("chorus: degradationPreference not applied", e);
+      }
+    }
+    entry.transceiver = tr;
+    entry.state = "pending";
+  }
+
+  /** Unpublish when the capture ends by itself (the browser's "Stop sharing", unplugging). */
+  _watchEnded(entry) {
+    const track = entry.track;
+    entry.onEnded = () => {
+      const now = this.localTracks.get(entry.source);
+      if (now && now.track === track) {
+        this._enqueue(() => this._unpublishStep(entry.source, "ended"));
+      }
+    };
+    track.addEventListener("ended", entry.onEnded);
+  }
+
+  async _unpublishStep(source, reason) {
+    const entry = this.localTracks.get(source);
+    if (!entry) return false;
+    await this._dropLocal(entry, reason);
+    if (this.pc) {
+      this._needsOffer = true;
+      await this._offerIfNeeded();
+    }
+    return true;
+  }
+
+  /** Stop a local track and idle its transceiver (kept for reuse). */
+  async _dropLocal(entry, reason) {
+    if (this.localTracks.get(entry.source) === entry) this.localTracks.delete(entry.source);
+    entry.track.removeEventListener("ended", entry.onEnded);
+    entry.track.stop();
+    const tr = entry.transceiver;
+    entry.transceiver = null;
+    if (tr && this.pc) {
+      try {
+        await tr.sender.replaceTrack(null);
+        if (tr.currentDirection !== "stopped") tr.direction = "inactive";
+      } catch (e) {
+        console.warn("chorus: could not idle the transceiver", e);
+      }
+    }
+    this._emit("local-track-removed", { source: entry.source, reason });
+  }
+
+  _emitLocal(entry) {
+    this._emit("local-track", {
+      source: entry.source,
+      track: entry.track,
+      stream: entry.stream,
+      state: entry.state,
+      trackSid: entry.trackSid,
+    });
+  }
+
+  /** Our track sids, from our own participant's `tracks`. */
+  _learnSelfTracks() {
+    const tracks = (this.self && Array.isArray(this.self.tracks)) ? this.self.tracks : [];
+    for (const entry of this.localTracks.values()) {
+      const t = tracks.find((x) => x.source === entry.source);
+      entry.trackSid = t ? t.sid : null;
+    }
+  }
+
+  /** The sources whose publication the offer about to go out carries. */
+  _markOffered() {
+    this._ownOfferPending = true;
+    this._offeredSources = new Set(
+      [...this.localTracks.values()].filter((e) => e.state === "pending").map((e) => e.source),
+    );
+  }
+
+  /** `tracks` of an offer: the source of each sending m-section (docs/protocol.md `offer`). */
+  _trackDecls(pc) {
+    const out = [];
+    for (const tr of pc.getTransceivers()) {
+      if (!tr.mid || !tr.sender.track) continue;
+      if (tr.direction !== "sendonly" && tr.direction !== "sendrecv") continue;
+      let source = null;
+      if (tr === this._micTransceiver) source = "microphone";
+      for (const [s, t] of this._sourceTransceivers) if (t === tr) source = s;
+      if (source) out.push({ mid: tr.mid, source });
+    }
+    return out;
+  }
+
+  /** Send an offer if something changed and the rules let us (stable, none of ours out). */
+  async _offerIfNeeded() {
+    const pc = this.pc;
+    if (!pc || !this._needsOffer) return;
+    if (this._ownOfferPending || pc.signalingState !== "stable") return; // after the answer
+    if (!pc.currentRemoteDescription) return; // the first offer has not been answered yet
+    this._needsOffer = false;
+    const offer = await pc.createOffer();
+    if (pc !== this.pc) return;
+    await pc.setLocalDescription(offer);
+    if (pc !== this.pc) return;
+    this._markOffered();
+    this.timings.lastOfferSent = performance.now();
+    // If the socket is down this goes nowhere; a resume starts the offer over.
+    this._send({ type: "offer", sdp: pc.localDescription.sdp, tracks: this._trackDecls(pc) });
+  }
+
+  /**
+   * The server refused our offer (`forbidden`, `invalid_sdp`, ...): nothing changed on
+   * its side, so go back to the last agreed state and take back what the offer published.
+   */
+  async _rollbackRefusedOffer(code, message) {
+    const pc = this.pc;
+    if (!pc || !this._ownOfferPending) return;
+    this._ownOfferPending = false;
+    if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
+    const refused = [...this._offeredSources];
+    this._offeredSources.clear();
+    for (const source of refused) {
+      const entry = this.localTracks.get(source);
+      if (!entry || entry.state !== "pending") continue;
+      const tr = entry.transceiver;
+      await this._dropLocal(entry, "refused");
+      this._emit("publish-error", { source, code, message });
+      // A transceiver the refused offer created never got a mid: drop it, or every later
+      // offer would carry a dead m-section for it.
+      if (tr && !tr.mid) {
+        try {
+          tr.stop();
+        } catch {}
+        if (this._sourceTransceivers.get(source) === tr) this._sourceTransceivers.delete(source);
+      }
+    }
+    // An unpublish (or anything else) that rode on the refused offer still has to go out.
+    const differs = [...this._sourceTransceivers.values()].some(
+      (tr) => tr.mid && tr.currentDirection && tr.currentDirection !== "stopped" && tr.currentDirection !== tr.direction,
+    );
+    if (differs) this._needsOffer = true;
+    await this._offerIfNeeded();
+  }
+
+  /** After a resume: an offer of ours may have been lost with the old socket; offer anew. */
+  async _restartOwnOffer() {
+    const pc = this.pc;
+    if (!pc || !this._ownOfferPending) return;
+    if (!pc.currentRemoteDescription) {
+      // The very first offer: send the same one again.
+      this._send({ type: "offer", sdp: pc.localDescription.sdp, tracks: this._trackDecls(pc) });
+      return;
+    }
+    this._ownOfferPending = false;
+    if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
+    this._needsOffer = true;
+    await this._offerIfNeeded();
+  }
+
+  /** Remember which track each of the server's sending m-sections carries. */
+  _learnRemoteMids(sdp) {
+    for (const m of parseMediaSections(sdp)) {
+      if (!m.mid) continue;
+      const sending = m.direction === "sendonly" || m.direction === "sendrecv";
+      if (!sending) this._remoteMids.delete(m.mid);
+      else if (m.trackId) this._remoteMids.set(m.mid, { streamId: m.streamId, trackSid: m.trackId });
+      // Sending without an msid line: keep what an earlier description said.
+    }
+  }
+
+  /**
+   * Reconcile remoteTracks with the participants' `tracks` and the SDP mapping; emit
+   * remote-track / remote-track-removed for the differences.
+   */
+  _syncRemoteTracks(clearAll = false) {
+    const next = new Map();
+    const pc = this.pc;
+    if (pc && !clearAll) {
+      const byTrackSid = new Map();
+      for (const tr of pc.getTransceivers()) {
+        if (!tr.mid || tr.currentDirection === "stopped") continue;
+        const info = this._remoteMids.get(tr.mid);
+        if (info) byTrackSid.set(info.trackSid, { tr, streamId: info.streamId });
+      }
+      for (const p of this.participants.values()) {
+        for (const t of Array.isArray(p.tracks) ? p.tracks : []) {
+          const hit = byTrackSid.get(t.sid);
+          if (!hit) continue;
+          next.set(t.sid, {
+            participantSid: p.sid,
+            trackSid: t.sid,
+            source: t.source,
+            kind: t.kind || hit.tr.receiver.track.kind,
+            codec: t.codec || "",
+            layers: Array.isArray(t.layers) ? t.layers : [],
+            track: hit.tr.receiver.track,
+            stream: this._streamsById.get(hit.streamId) || this._streamsById.get(`p${p.sid}`) || null,
+            mid: hit.tr.mid,
+          });
+        }
+      }
+    }
+    for (const [sid, old] of this.remoteTracks) {
+      const now = next.get(sid);
+      if (now && now.track === old.track && now.participantSid === old.participantSid) continue;
+      this.remoteTracks.delete(sid);
+      if (!now) {
+        this.trackQuality.delete(sid);
+        this.subscriptionQuality.delete(sid);
+      }
+      this._emit("remote-track-removed", {
+        participantSid: old.participantSid, trackSid: sid, source: old.source, kind: old.kind,
+      });
+    }
+    for (const [sid, t] of next) {
+      const old = this.remoteTracks.get(sid);
+      if (old) {
+        // Same track: refresh fields that may change (codec becomes known, stream).
+        Object.assign(old, { codec: t.codec, layers: t.layers, stream: t.stream || old.stream });
+        continue;
+      }
+      this.remoteTracks.set(sid, t);
+      this._emit("remote-track", { ...t });
+    }
   }
 
   // ------------------------------------------------------------------ chat channels
@@ -799,6 +1357,21 @@ export class ChorusClient extends EventTarget {
 
   _closePeer() {
     this._closeChatChannels();
+    this._ownOfferPending = false;
+    this._needsOffer = false;
+    this._offeredSources.clear();
+    this._sourceTransceivers.clear();
+    this._micTransceiver = null;
+    this._remoteMids.clear();
+    this._streamsById.clear();
+    this.trackQuality.clear();
+    for (const entry of this.localTracks.values()) {
+      // Published again on the next peer connection (_startMedia), with new track sids.
+      entry.transceiver = null;
+      entry.state = "pending";
+      entry.trackSid = null;
+    }
+    this._syncRemoteTracks(true);
     if (this.pc) {
       const pc = this.pc;
       this.pc = null;
@@ -831,6 +1404,13 @@ export class ChorusClient extends EventTarget {
       for (const t of this.localStream.getTracks()) t.stop();
       this.localStream = null;
     }
+    for (const entry of [...this.localTracks.values()]) {
+      this.localTracks.delete(entry.source);
+      entry.track.removeEventListener("ended", entry.onEnded);
+      entry.track.stop();
+      this._emit("local-track-removed", { source: entry.source, reason: "left" });
+    }
+    this.subscriptionQuality.clear();
     this._micPromise = null;
     this._hasSeat = false;
     this.participants.clear();
@@ -879,6 +1459,66 @@ function normalizeMessage(m) {
   const identity = typeof from.identity === "string" ? from.identity : "";
   const name = typeof from.name === "string" && from.name ? from.name : identity;
   return { id, from: { identity, name }, text: m.text, ts: Number(m.ts) || 0 };
+}
+
+/**
+ * Whether an error that arrives while our offer is outstanding is the server refusing
+ * that offer. Errors carry no correlation id, so go by code and wording: `forbidden` is
+ * also the answer to `enhance`, and `bad_request` to any malformed message.
+ */
+function refusesOffer(code, message) {
+  if (code === "invalid_sdp") return true;
+  if (code === "forbidden") return /publish/i.test(message || "");
+  if (code === "bad_request") return /offer|track|mid|sdp|m-section/i.test(message || "");
+  return false;
+}
+
+/**
+ * The m-sections of an SDP: [{mid, direction, streamId, trackId, kind}]. Reads `a=mid`,
+ * the direction attribute and `a=msid:<stream> <track>` (docs/protocol.md "Subscribing":
+ * the track id is the Chorus track sid).
+ */
+export function parseMediaSections(sdp) {
+  const out = [];
+  let cur = null;
+  for (const line of String(sdp || "").split(/\r?\n/)) {
+    if (line.startsWith("m=")) {
+      cur = { kind: line.slice(2).split(" ")[0], mid: null, direction: "sendrecv", streamId: null, trackId: null };
+      out.push(cur);
+      continue;
+    }
+    if (!cur) continue;
+    if (line.startsWith("a=mid:")) cur.mid = line.slice(6).trim();
+    else if (/^a=(sendonly|recvonly|sendrecv|inactive)$/.test(line.trim())) cur.direction = line.trim().slice(2);
+    else if (line.startsWith("a=msid:")) {
+      const [streamId, trackId] = line.slice(7).trim().split(/\s+/);
+      cur.streamId = streamId || null;
+      if (trackId) cur.trackId = trackId;
+    }
+  }
+  return out;
+}
+
+/**
+ * Offer only `codec` (plus RTX) on a video transceiver. For H264 that is packetization
+ * mode 1, constrained baseline first: what the SFU negotiates (docs/protocol.md "Media").
+ */
+function preferCodec(tr, codec) {
+  if (typeof tr.setCodecPreferences !== "function" || !globalThis.RTCRtpSender?.getCapabilities) {
+    throw new ChorusError("unsupported_codec", "this browser cannot choose a video codec");
+  }
+  const caps = RTCRtpSender.getCapabilities("video")?.codecs || [];
+  const mime = `video/${codec}`.toLowerCase();
+  let wanted = caps.filter((c) => c.mimeType.toLowerCase() === mime);
+  if (mime === "video/h264") {
+    const fmtp = (c) => c.sdpFmtpLine || "";
+    wanted = wanted
+      .filter((c) => /packetization-mode=1/.test(fmtp(c)))
+      .sort((a, b) => Number(/profile-level-id=42e0/.test(fmtp(b))) - Number(/profile-level-id=42e0/.test(fmtp(a))));
+  }
+  if (wanted.length === 0) throw new ChorusError("unsupported_codec", `this browser cannot send ${codec}`);
+  const rtx = caps.filter((c) => c.mimeType.toLowerCase() === "video/rtx");
+  tr.setCodecPreferences([...wanted, ...rtx]);
 }
 
 /** Decode a JWT's claims without verifying it (for display only). */
