@@ -12,6 +12,7 @@ command -v turnutils_uclient >/dev/null || need_pkgs+=(coturn)
 command -v janus >/dev/null || need_pkgs+=(janus)            # load generator: peer comparison
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
+command -v nft >/dev/null || need_pkgs+=(nftables)          # lossy-link video test: random drops
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
 command -v cc >/dev/null || need_pkgs+=(build-essential)

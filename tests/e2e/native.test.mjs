@@ -1,6 +1,8 @@
 // The native headless client (chorus-cli) and a Chromium page in one channel: the page
 // hears the CLI's 1 kHz tone (inbound level and an AnalyserNode peak at 1 kHz), and the
-// CLI's recording holds the page's 440 Hz tone (Goertzel).
+// CLI's recording holds the page's 440 Hz tone (Goertzel). The page also has its camera
+// on: the CLI (an audio-only, protocol 1 client) joins a room with video and simply
+// does not get it.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -80,8 +82,13 @@ function goertzelDb(x, hz, rate) {
   return 20 * Math.log10(Math.max((2 * Math.sqrt(Math.max(p, 0))) / x.length, 1e-10));
 }
 
-test("a browser and chorus-cli hear each other", () => diag(async () => {
+test("a browser with its camera on and chorus-cli hear each other", () => diag(async () => {
   const me = await joinViaUi(page, server.origin, "Web", ROOM);
+  await page.getByTestId("camera-button").click();
+  await waitFor("the page publishes its camera", async () => {
+    const tracks = await page.evaluate(() => window.chorus.self.tracks || []);
+    return { ok: tracks.some((t) => t.source === "camera"), info: tracks };
+  }, { timeout: 15_000 });
   const out = path.join(tmp, "heard.wav");
   cli = spawn(cliBin(), [
     "--url", server.origin, "--name", "Cli", "--room", ROOM,
@@ -137,6 +144,8 @@ test("a browser and chorus-cli hear each other", () => diag(async () => {
   const report = JSON.parse(stdout);
   const fromWeb = report.streams.find((s) => s.sid === me.sid);
   assert.ok(fromWeb && fromWeb.packets > 100, `CLI received the page's audio: ${stdout}`);
+  assert.equal(report.streams.filter((s) => s.sid === me.sid).length, 1,
+    `one (audio) stream from the page, its camera not offered to the CLI: ${stdout}`);
   const { rate, samples } = readWav(out);
   assert.equal(rate, 48000);
   // Use the last 3 s, when the page's stream is certainly flowing.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Browser end-to-end tests for the web client. CI entry point.
 #   CHORUS_BIN=/path/to/chorus bash tests/e2e/run.sh [test files…]
-# Needs: node >= 20, npm, sox, Chromium at /usr/bin/chromium (or CHROMIUM_BIN), unshare + ip (root).
+# Needs: node >= 20, npm, sox, Chromium at /usr/bin/chromium (or CHROMIUM_BIN), unshare + ip +
+# nft (root; the lossy-link test drops packets with nftables in a namespace of its own).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +20,7 @@ if [ ! -x "$CHROMIUM_BIN" ]; then
   echo "e2e: Chromium not found at $CHROMIUM_BIN (apt-get install chromium)" >&2
   exit 2
 fi
-for tool in node npm sox espeak-ng unshare ip; do
+for tool in node npm sox espeak-ng unshare ip nft; do
   command -v "$tool" >/dev/null || { echo "e2e: '$tool' is required" >&2; exit 2; }
 done
 
@@ -48,7 +49,7 @@ fi
 if [ "$#" -gt 0 ]; then
   TESTS=("$@")
 else
-  TESTS=(voice.test.mjs room.test.mjs audio.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs video.test.mjs native.test.mjs)
+  TESTS=(voice.test.mjs room.test.mjs audio.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs video.test.mjs video-loss.test.mjs native.test.mjs)
 fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.

@@ -17,10 +17,12 @@ export function fixture(name) {
  * One browser process per fake microphone: Chromium reads the capture file per process.
  * Playwright gives every launch a fresh temporary profile (--user-data-dir).
  */
-export async function launchBrowser(wavFile) {
+export async function launchBrowser(wavFile, { executablePath = CHROMIUM, args = [] } = {}) {
   if (!existsSync(CHROMIUM)) throw new Error(`Chromium not found at ${CHROMIUM}`);
   return chromium.launch({
-    executablePath: CHROMIUM,
+    // A wrapper script here runs Chromium inside a network namespace of the test's own
+    // (`ip netns exec NS chromium "$@"`); Playwright talks to it over a pipe.
+    executablePath,
     headless: true,
     args: [
       "--headless",
@@ -37,6 +39,7 @@ export async function launchBrowser(wavFile) {
       "--autoplay-policy=no-user-gesture-required",
       // Pages served by E2E_WEB_FROM_DISK count as non-local: let them reach loopback.
       ...(process.env.E2E_WEB_FROM_DISK ? ["--disable-features=LocalNetworkAccessChecks"] : []),
+      ...args,
     ],
   });
 }

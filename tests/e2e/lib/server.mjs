@@ -22,15 +22,17 @@ export function chorusBin() {
  * Spawn `chorus dev` on loopback with ephemeral ports and wait for the URL it prints.
  * @returns {Promise<{url: string, origin: string, wsUrl: string, proc, logFile: string, stop: () => Promise<void>, tail: (n?: number) => string}>}
  */
-export async function startServer(name = "server", { timeoutMs = 30_000, extraArgs = [] } = {}) {
+export async function startServer(name = "server", { timeoutMs = 30_000, extraArgs = [], host = "127.0.0.1" } = {}) {
   const bin = chorusBin();
   mkdirSync(LOG_DIR, { recursive: true });
   const logFile = path.join(LOG_DIR, `${name}.log`);
   const log = createWriteStream(logFile);
   const args = [
     "dev",
-    "--listen", "127.0.0.1:0",
-    "--media-listen", "127.0.0.1:0",
+    // `host`: another address than loopback when a browser in another network
+    // namespace must reach the page and the SFU (the lossy-link test).
+    "--listen", `${host}:0`,
+    "--media-listen", `${host}:0`,
     "--control-listen", "127.0.0.1:0",
     "--turn-listen", "127.0.0.1:0",
     ...extraArgs,
