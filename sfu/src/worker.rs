@@ -1074,7 +1074,6 @@ impl Worker {
             ) else {
                 continue;
             };
-            let mid = dt.mid;
             let ext = ExtensionValues {
                 audio_level: level.map(|l| -(l as i8)),
                 voice_activity,
@@ -1083,27 +1082,7 @@ impl Worker {
             let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, payload.clone())
                 .marker(pkt.header.marker)
                 .ext_vals(ext);
-            let wrote = catch_unwind(AssertUnwindSafe(|| {
-                let mut api = s.rtc.direct_api();
-                match api.stream_tx_by_mid(mid, None) {
-                    Some(tx) => {
-                        tx.write_rtp(write);
-                        true
-                    }
-                    None => false,
-                }
-            }));
-            match wrote {
-                Ok(true) => {
-                    self.stats.packets_forwarded += 1;
-                    if !s.dirty {
-                        s.dirty = true;
-                        self.dirty.push(sid);
-                    }
-                }
-                Ok(false) => {}
-                Err(_) => self.fail(sid, "internal error forwarding audio"),
-            }
+            self.write_down(sid, (from, index), write);
         }
         self.scratch = targets;
     }

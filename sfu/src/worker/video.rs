@@ -139,7 +139,7 @@ impl Worker {
 
     /// Writes one packet on a subscriber's down track and marks the subscriber for
     /// polling.
-    fn write_down(&mut self, sid: u64, key: TrackKey, write: RtpWrite) {
+    pub(super) fn write_down(&mut self, sid: u64, key: TrackKey, write: RtpWrite) {
         let Some(s) = self.participants.get_mut(&sid) else {
             return;
         };
