@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A few seconds of each load scenario at tiny sizes, with --check: every listener must
 # get packets from every speaker of its room (and only those), no participant may fail
-# and nothing may be lost on loopback. Part of the test command (scripts/test.sh).
+# and nothing may be lost on loopback; with video, every subscriber must get complete
+# frames from every other camera of its room, on the top layer, with no picture-id gap
+# that loss does not explain. Part of the test command (scripts/test.sh).
 #   bash benches/smoke.sh [target-dir]   (default target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,10 @@ run big-channel --participants 8 --speakers 3
 # Two SFU workers (rooms hashed across two threads and UDP ports): rooms on either one
 # must forward.
 run rooms-20x5 --rooms 4 --participants 3 --server-arg=--workers --server-arg=2
+# Video (about 8 s): 3 cameras (three-layer VP8 simulcast from benches/video/*.ivf,
+# turned on by a second offer) and microphones; every subscriber must get complete
+# frames from both other cameras on the top layer, with continuous picture ids.
+run video-4x5 --rooms 1 --participants 3
 # The Janus comparison (about 16 s): the same tiny load against chorus dev, then Janus.
 # Janus never gathers ICE candidates on a loopback interface, so the run happens in a
 # private network namespace with a veth address for Janus: every packet stays in it.

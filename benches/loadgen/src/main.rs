@@ -7,10 +7,19 @@
 //! can be read from `/proc`); `--url` points it at a running server instead.
 //! `--server janus` runs the same load against a fresh Janus (VideoRoom, audio only),
 //! and `--compare-janus` runs both, one after the other, and compares them.
+//!
+//! Scenarios with `cameras_per_room` add video: those participants also publish a
+//! three-layer VP8 simulcast camera (`video.rs`), everyone subscribes to it, and the
+//! report gains frames, keyframes, descriptor continuity and first-frame times
+//! (`video_rx.rs`). `--audio-baseline` runs the same shape without cameras first, so
+//! the server's CPU per video packet can be told from its CPU per audio packet.
 
 mod janus;
 mod peer;
+mod report;
 mod stats;
+mod video;
+mod video_rx;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -28,6 +37,7 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use peer::{Clip, PeerSpec, Talk};
+use report::{print_summary, video_errors, write_report, Comparison, Report, Split};
 use stats::{DelayHistogram, Shared};
 
 /// A scenario file (TOML). Command-line flags override its fields.
@@ -49,6 +59,13 @@ struct Scenario {
     /// Extra flags for the `chorus dev` server this scenario runs against.
     #[serde(default)]
     server_args: Vec<String>,
+    /// The first this many joiners of each room also publish a camera (video).
+    #[serde(default)]
+    cameras_per_room: usize,
+    /// Cameras are turned on by a second offer this long after the participant's media
+    /// connected (like pressing the camera button); absent: in the first offer.
+    #[serde(default, with = "humantime_serde_compat::option")]
+    camera_after: Option<Duration>,
 }
 
 mod humantime_serde_compat {
@@ -57,6 +74,13 @@ mod humantime_serde_compat {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }
 
@@ -102,6 +126,19 @@ struct Args {
     /// Speech to send (any WAV; encoded to Opus once at start).
     #[arg(long)]
     audio: Option<PathBuf>,
+    /// Override: participants per room with a camera (0: audio only).
+    #[arg(long)]
+    cameras: Option<usize>,
+    /// Override: publish cameras this long after connecting (0s: in the first offer).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    camera_after: Option<Duration>,
+    /// Directory with the camera clip q.ivf, h.ivf, f.ivf (default: benches/video).
+    #[arg(long)]
+    video_dir: Option<PathBuf>,
+    /// Video scenarios: first run the same rooms and participants without cameras,
+    /// then with, and split the server's CPU into audio and video per packet.
+    #[arg(long, conflicts_with_all = ["compare_janus", "url"])]
+    audio_baseline: bool,
     /// Write the JSON report here ("-" for stdout).
     #[arg(long)]
     report: Option<String>,
@@ -156,46 +193,6 @@ impl ServerKind {
             ServerKind::Janus => "Janus ",
         }
     }
-}
-
-#[derive(Debug, Serialize)]
-struct Report {
-    server: ServerKind,
-    scenario: String,
-    rooms: usize,
-    participants: usize,
-    speakers: usize,
-    measured_secs: f64,
-    joined: u64,
-    connected: u64,
-    failed: u64,
-    /// Packets the publishers sent and the subscribers received in the window.
-    sent_pps: f64,
-    received_pps: f64,
-    loss_percent: f64,
-    e2e_delay_ms_p50: Option<f64>,
-    e2e_delay_ms_p99: Option<f64>,
-    /// Packets that arrived more than ~10 s after they were sent (overload).
-    delay_over_10s: u64,
-    mean_jitter_ms: f64,
-    /// From the SFU's metrics (Chorus), or what the subscribers received (Janus has
-    /// no counter to read): see `forwarded_source`.
-    forwarded_pps: Option<f64>,
-    forwarded_source: &'static str,
-    sfu_forward_ms_p50: Option<f64>,
-    sfu_forward_ms_p99: Option<f64>,
-    /// From /proc of the server process (whole `chorus dev`: signaling + SFU).
-    server_cpu_percent: Option<f64>,
-    server_cpu_us_per_forwarded_packet: Option<f64>,
-    /// The kernel's share of it (system time: socket calls).
-    server_sys_us_per_forwarded_packet: Option<f64>,
-    /// The same per packet the subscribers received: one basis for every server.
-    server_cpu_us_per_received_packet: Option<f64>,
-    server_sys_us_per_received_packet: Option<f64>,
-    server_rss_idle_mb: Option<f64>,
-    server_rss_loaded_mb: Option<f64>,
-    server_rss_kb_per_participant: Option<f64>,
-    consistency_errors: Vec<String>,
 }
 
 fn main() {
@@ -430,6 +427,11 @@ struct Plan {
     members: Vec<(usize, Option<u32>)>,
     /// Room name → publisher indices of its speakers.
     room_speakers: HashMap<String, Vec<u32>>,
+    /// Per participant: camera index (when it has one): the first
+    /// `cameras_per_room` joiners of each room.
+    cameras: Vec<Option<u32>>,
+    /// Room name → its camera indices.
+    room_cameras: HashMap<String, Vec<u32>>,
 }
 
 fn room_name(sc: &Scenario, r: usize) -> String {
@@ -441,6 +443,9 @@ fn plan(sc: &Scenario) -> Plan {
     let mut members = Vec::with_capacity(total);
     let mut room_speakers: HashMap<String, Vec<u32>> = HashMap::new();
     let mut next_pub = 0u32;
+    let mut cameras = Vec::with_capacity(total);
+    let mut room_cameras: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut next_cam = 0u32;
     for i in 0..total {
         let r = i % sc.rooms;
         let k = i / sc.rooms;
@@ -453,10 +458,20 @@ fn plan(sc: &Scenario) -> Plan {
             None
         };
         members.push((r, publisher));
+        cameras.push(if k < sc.cameras_per_room {
+            let c = next_cam;
+            next_cam += 1;
+            room_cameras.entry(room_name(sc, r)).or_default().push(c);
+            Some(c)
+        } else {
+            None
+        });
     }
     Plan {
         members,
         room_speakers,
+        cameras,
+        room_cameras,
     }
 }
 
@@ -474,25 +489,66 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     sc.duration = args.duration.unwrap_or(sc.duration);
     sc.ramp = args.ramp.unwrap_or(sc.ramp);
     sc.server_args.extend(args.server_arg.iter().cloned());
+    sc.cameras_per_room = args
+        .cameras
+        .unwrap_or(sc.cameras_per_room)
+        .min(sc.participants_per_room);
+    if let Some(a) = args.camera_after {
+        sc.camera_after = (!a.is_zero()).then_some(a);
+    }
     let talk = parse_talk(sc.talk.as_deref())?;
 
     let audio = args.audio.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../media-core/fixtures/speech.wav")
     });
     let clip = Arc::new(load_clip(&audio)?);
+    let video = if sc.cameras_per_room > 0 {
+        if args.server == ServerKind::Janus || args.compare_janus {
+            bail!("the Janus runs are audio only: use a scenario without cameras (or --cameras 0)");
+        }
+        let dir = video::clip_dir(args.video_dir.as_deref());
+        Some(Arc::new(video::VideoClip::load(&dir)?))
+    } else {
+        None
+    };
+    let media = Media { clip, talk, video };
+
+    if args.audio_baseline {
+        if media.video.is_none() {
+            bail!("--audio-baseline needs a scenario with cameras");
+        }
+        let audio_sc = Scenario {
+            cameras_per_room: 0,
+            ..sc.clone()
+        };
+        let (base, base_errors) = run_one(&args, &audio_sc, ServerKind::Chorus, &media).await?;
+        print_summary(&base);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (with_video, errors) = run_one(&args, &sc, ServerKind::Chorus, &media).await?;
+        print_summary(&with_video);
+        let split = Split::new(base, with_video);
+        split.print();
+        write_report(args.report.as_deref(), &split)?;
+        let errors: Vec<String> = base_errors
+            .iter()
+            .map(|e| format!("audio baseline: {e}"))
+            .chain(errors.iter().cloned())
+            .collect();
+        return Ok(check(&args, &errors));
+    }
 
     if !args.compare_janus {
-        let (report, errors) = run_one(&args, &sc, args.server, &clip, talk).await?;
+        let (report, errors) = run_one(&args, &sc, args.server, &media).await?;
         print_summary(&report);
         write_report(args.report.as_deref(), &report)?;
         return Ok(check(&args, &errors));
     }
 
-    let (chorus, chorus_errors) = run_one(&args, &sc, ServerKind::Chorus, &clip, talk).await?;
+    let (chorus, chorus_errors) = run_one(&args, &sc, ServerKind::Chorus, &media).await?;
     print_summary(&chorus);
     // Let the machine settle (the Chorus server and the peers' sockets are gone).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (janus, janus_errors) = run_one(&args, &sc, ServerKind::Janus, &clip, talk).await?;
+    let (janus, janus_errors) = run_one(&args, &sc, ServerKind::Janus, &media).await?;
     print_summary(&janus);
     let comparison = Comparison::new(chorus, janus);
     comparison.print();
@@ -503,17 +559,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .chain(janus_errors.iter().map(|e| format!("janus: {e}")))
         .collect();
     Ok(check(&args, &errors))
-}
-
-fn write_report<T: Serialize>(dest: Option<&str>, report: &T) -> anyhow::Result<()> {
-    let Some(dest) = dest else { return Ok(()) };
-    let json = serde_json::to_string_pretty(report)?;
-    if dest == "-" {
-        println!("{json}");
-    } else {
-        std::fs::write(dest, json).with_context(|| format!("writing {dest}"))?;
-    }
-    Ok(())
 }
 
 /// With --check, false (exit 1) when the run had problems.
@@ -543,19 +588,30 @@ impl Started {
     }
 }
 
+/// What the publishers send: the speech clip, when they talk, and the camera clip
+/// (video scenarios).
+struct Media {
+    clip: Arc<Clip>,
+    talk: Talk,
+    video: Option<Arc<video::VideoClip>>,
+}
+
 /// One run of the scenario against one server: start it (unless --url), join
 /// everyone, measure, leave. Returns the report and the consistency problems.
 async fn run_one(
     args: &Args,
     sc: &Scenario,
     kind: ServerKind,
-    clip: &Arc<Clip>,
-    talk: Talk,
+    media: &Media,
 ) -> anyhow::Result<(Report, Vec<String>)> {
+    let (clip, talk) = (&media.clip, media.talk);
+    let video_clip = media.video.as_ref().filter(|_| sc.cameras_per_room > 0);
     let total = sc.rooms * sc.participants_per_room;
     let Plan {
         members,
         room_speakers,
+        cameras,
+        room_cameras,
     } = plan(sc);
     let janus_ip = match (kind, args.janus_ip) {
         (ServerKind::Janus, Some(ip)) => ip,
@@ -597,18 +653,28 @@ async fn run_one(
         janus::create_rooms(&url, sc.rooms, sc.participants_per_room).await?;
     }
     eprintln!(
-        "scenario {}: {} rooms × {} participants ({} talking each) = {total} participants, {} measured, joins over {}",
+        "scenario {}: {} rooms × {} participants ({} talking{} each) = {total} participants, {} measured, joins over {}",
         sc.name,
         sc.rooms,
         sc.participants_per_room,
         sc.speakers_per_room,
+        if video_clip.is_some() {
+            format!(", {} with a camera", sc.cameras_per_room)
+        } else {
+            String::new()
+        },
         humantime::format_duration(sc.duration),
         humantime::format_duration(sc.ramp),
     );
     eprintln!("server: {}{url}", kind.label_prefix());
 
     let speakers_total = sc.rooms * sc.speakers_per_room;
-    let shared = Arc::new(Shared::new(speakers_total));
+    let cameras_total = if video_clip.is_some() {
+        sc.rooms * sc.cameras_per_room
+    } else {
+        0
+    };
+    let shared = Arc::new(Shared::with_cameras(speakers_total, cameras_total));
     let settle = Duration::from_secs(3);
     let run_start = tokio::time::Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -645,6 +711,11 @@ async fn run_one(
                     token,
                     publisher,
                     talk,
+                    video: video_clip.map(|v| peer::VideoSpec {
+                        camera: cameras[i],
+                        camera_after: sc.camera_after,
+                        clip: v.clone(),
+                    }),
                     stop: stop_rx.clone(),
                 };
                 tasks.push(tokio::spawn(peer::run(spec, clip.clone(), shared.clone())));
@@ -699,6 +770,9 @@ async fn run_one(
     let rx0 = shared.rx_packets.load(Ordering::Relaxed);
     let lost0 = shared.lost.load(Ordering::Relaxed);
     let d0 = shared.delay.snapshot();
+    let v0 = shared.video.c.snapshot();
+    let vd0 = shared.video.delay.snapshot();
+    let vf0 = shared.video.frame_delay.snapshot();
     let unmeasured0 = shared.unmeasured.load(Ordering::Relaxed);
     let measure_end = tokio::time::Instant::now() + sc.duration;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -715,6 +789,11 @@ async fn run_one(
     // Read with the CPU, so that CPU per received packet covers the same interval.
     let rx = shared.rx_packets.load(Ordering::Relaxed) - rx0;
     let tx = shared.tx_packets.load(Ordering::Relaxed) - tx0;
+    let v1 = shared.video.c.snapshot();
+    let diff =
+        |a: Vec<u64>, b: Vec<u64>| -> Vec<u64> { a.iter().zip(&b).map(|(x, y)| x - y).collect() };
+    let vd = diff(shared.video.delay.snapshot(), vd0);
+    let vf = diff(shared.video.frame_delay.snapshot(), vf0);
     let m1 = match &metrics_url {
         Some(u) => Some(parse_metrics(&http_get(u).await?)),
         None => None,
@@ -785,6 +864,40 @@ async fn run_one(
     if lost > 0 {
         errors.push(format!("{lost} packets lost during the measured window"));
     }
+    let video_report = video_clip.map(|_| {
+        let total_counts = shared.video.c.snapshot();
+        video_errors(&results, &room_cameras, &total_counts, &mut errors);
+        let window = v1 - v0;
+        video_rx::VideoReport {
+            cameras: cameras_total,
+            sent_pps: window.tx_packets as f64 / secs,
+            received_pps: window.rx_packets as f64 / secs,
+            audio_received_pps: rx.saturating_sub(window.rx_packets) as f64 / secs,
+            frames_per_sec: window.frames as f64 / secs,
+            delay_ms_p50: DelayHistogram::quantile_ms(&vd, 0.5),
+            delay_ms_p99: DelayHistogram::quantile_ms(&vd, 0.99),
+            frame_delay_ms_p50: DelayHistogram::quantile_ms(&vf, 0.5),
+            frame_delay_ms_p99: DelayHistogram::quantile_ms(&vf, 0.99),
+            total: total_counts,
+            window,
+            keyframe_requests: shared
+                .video
+                .keyframe_requests
+                .each_ref()
+                .map(|k| k.load(Ordering::Relaxed)),
+            publish_to_first_frame_ms: video_rx::Spread::of(
+                &shared.video.first_frames().after_publish_ms,
+            ),
+            join_to_first_frame_ms: video_rx::Spread::of(
+                &shared.video.first_frames().after_join_ms,
+            ),
+            publish_to_answer_ms: video_rx::Spread::of(&shared.video.first_frames().answer_ms),
+            subscriber_answer_to_first_frame_ms: video_rx::Spread::of(
+                &shared.video.first_frames().after_answer_ms,
+            ),
+            problems: shared.video.samples(),
+        }
+    });
     let jitters: Vec<f64> = results
         .iter()
         .flat_map(|r| r.jitter_ms.iter().copied())
@@ -838,6 +951,7 @@ async fn run_one(
             (Some(a), Some(b)) => Some((b - a) / total as f64),
             _ => None,
         },
+        video: video_report,
         consistency_errors: errors.iter().take(20).cloned().collect(),
     };
     Ok((report, errors))
@@ -865,163 +979,6 @@ fn progress(shared: &Shared, start: tokio::time::Instant, total: usize, phase: &
     );
 }
 
-fn print_summary(r: &Report) {
-    let f = |v: Option<f64>, unit: &str| {
-        v.map(|x| format!("{x:.2} {unit}"))
-            .unwrap_or_else(|| "n/a".into())
-    };
-    eprintln!(
-        "── {}{} ({} participants, {} speakers, {:.1} s measured)",
-        r.scenario,
-        match r.server {
-            ServerKind::Chorus => "",
-            ServerKind::Janus => " on Janus",
-        },
-        r.participants,
-        r.speakers,
-        r.measured_secs
-    );
-    eprintln!(
-        "  joined {} · connected {} · failed {}",
-        r.joined, r.connected, r.failed
-    );
-    eprintln!(
-        "  forwarded          {}{}",
-        f(r.forwarded_pps, "pkt/s"),
-        match r.server {
-            ServerKind::Chorus => "",
-            ServerKind::Janus => " (= received by the subscribers; Janus has no counter)",
-        }
-    );
-    eprintln!(
-        "  server CPU         {} ({} of it in the kernel; {})",
-        f(r.server_cpu_us_per_forwarded_packet, "µs/forwarded pkt"),
-        f(r.server_sys_us_per_forwarded_packet, "µs"),
-        f(r.server_cpu_percent, "% of a core")
-    );
-    if r.server == ServerKind::Chorus {
-        eprintln!(
-            "  SFU forwarding     p50 {} · p99 {}",
-            f(r.sfu_forward_ms_p50, "ms"),
-            f(r.sfu_forward_ms_p99, "ms")
-        );
-    }
-    eprintln!(
-        "  end-to-end delay   p50 {} · p99 {} · {} packets over 10 s late",
-        f(r.e2e_delay_ms_p50, "ms"),
-        f(r.e2e_delay_ms_p99, "ms"),
-        r.delay_over_10s
-    );
-    eprintln!(
-        "  loss {:.3}% · jitter {:.2} ms · sent {:.0} pkt/s · received {:.0} pkt/s",
-        r.loss_percent, r.mean_jitter_ms, r.sent_pps, r.received_pps
-    );
-    eprintln!(
-        "  server RSS         idle {} · loaded {} · {}",
-        f(r.server_rss_idle_mb, "MB"),
-        f(r.server_rss_loaded_mb, "MB"),
-        f(r.server_rss_kb_per_participant, "KB/participant")
-    );
-    if !r.consistency_errors.is_empty() {
-        eprintln!(
-            "  consistency: {} problems (first: {})",
-            r.consistency_errors.len(),
-            r.consistency_errors[0]
-        );
-    }
-}
-
-/// Chorus and Janus under the same load. Both CPU figures are per packet the
-/// subscribers received, the one count both runs have (Janus exposes no forwarding
-/// counter); Chorus's own metric is shown beside it.
-#[derive(Debug, Serialize)]
-struct Comparison {
-    /// Janus's server CPU per received packet over Chorus's.
-    janus_over_chorus_cpu_per_packet: Option<f64>,
-    /// The same for the kernel's share (system time).
-    janus_over_chorus_sys_per_packet: Option<f64>,
-    basis: &'static str,
-    chorus: Report,
-    janus: Report,
-}
-
-impl Comparison {
-    fn new(chorus: Report, janus: Report) -> Comparison {
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(j), Some(c)) if c > 0.0 => Some(j / c),
-            _ => None,
-        };
-        Comparison {
-            janus_over_chorus_cpu_per_packet: ratio(
-                janus.server_cpu_us_per_received_packet,
-                chorus.server_cpu_us_per_received_packet,
-            ),
-            janus_over_chorus_sys_per_packet: ratio(
-                janus.server_sys_us_per_received_packet,
-                chorus.server_sys_us_per_received_packet,
-            ),
-            basis: "server CPU (utime+stime from /proc) per RTP packet received by the \
-                    loadgen's subscribers in the measured window",
-            chorus,
-            janus,
-        }
-    }
-
-    fn print(&self) {
-        let (c, j) = (&self.chorus, &self.janus);
-        let f = |v: Option<f64>, prec: usize| {
-            v.map(|x| format!("{x:.prec$}"))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        // One figure of each run per row; Chorus-only figures say n/a for Janus.
-        let both = |pick: fn(&Report) -> Option<f64>, prec| (f(pick(c), prec), f(pick(j), prec));
-        let rows = [
-            ("", ("Chorus".into(), "Janus".into())),
-            (
-                "server CPU µs / received pkt",
-                both(|r| r.server_cpu_us_per_received_packet, 2),
-            ),
-            (
-                "  of it kernel",
-                both(|r| r.server_sys_us_per_received_packet, 2),
-            ),
-            (
-                "server CPU µs / SFU-counted pkt",
-                (f(c.server_cpu_us_per_forwarded_packet, 2), "n/a".into()),
-            ),
-            ("server CPU, % of a core", both(|r| r.server_cpu_percent, 1)),
-            (
-                "received pkt/s (= forwarded)",
-                both(|r| Some(r.received_pps), 0),
-            ),
-            (
-                "SFU-counted forwarded pkt/s",
-                (f(c.forwarded_pps, 0), "n/a".into()),
-            ),
-            ("end-to-end delay p50 ms", both(|r| r.e2e_delay_ms_p50, 2)),
-            ("end-to-end delay p99 ms", both(|r| r.e2e_delay_ms_p99, 2)),
-            ("loss %", both(|r| Some(r.loss_percent), 3)),
-            (
-                "server RSS KB / participant",
-                both(|r| r.server_rss_kb_per_participant, 0),
-            ),
-            ("failed participants", both(|r| Some(r.failed as f64), 0)),
-        ];
-        eprintln!(
-            "── Janus comparison: {} ({} participants, {} speakers; {:.1} s / {:.1} s measured)",
-            c.scenario, c.participants, c.speakers, c.measured_secs, j.measured_secs
-        );
-        for (what, (a, b)) in rows {
-            eprintln!("  {what:<34} {a:>14} {b:>14}");
-        }
-        eprintln!(
-            "  Janus / Chorus CPU per packet: {} (kernel part: {})",
-            f(self.janus_over_chorus_cpu_per_packet, 2),
-            f(self.janus_over_chorus_sys_per_packet, 2)
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1036,6 +993,8 @@ mod tests {
             ramp: Duration::ZERO,
             talk: None,
             server_args: Vec::new(),
+            cameras_per_room: 0,
+            camera_after: None,
         }
     }
 
@@ -1056,51 +1015,5 @@ mod tests {
         );
         assert_eq!(p.room_speakers["t-0"], vec![0, 2]);
         assert_eq!(p.room_speakers["t-1"], vec![1, 3]);
-    }
-
-    #[test]
-    fn comparison_ratio_is_janus_over_chorus_per_received_packet() {
-        let report = |server, cpu: Option<f64>| Report {
-            server,
-            scenario: "t".into(),
-            rooms: 1,
-            participants: 2,
-            speakers: 2,
-            measured_secs: 1.0,
-            joined: 2,
-            connected: 2,
-            failed: 0,
-            sent_pps: 100.0,
-            received_pps: 100.0,
-            loss_percent: 0.0,
-            e2e_delay_ms_p50: None,
-            e2e_delay_ms_p99: None,
-            delay_over_10s: 0,
-            mean_jitter_ms: 0.0,
-            forwarded_pps: None,
-            forwarded_source: "x",
-            sfu_forward_ms_p50: None,
-            sfu_forward_ms_p99: None,
-            server_cpu_percent: None,
-            server_cpu_us_per_forwarded_packet: Some(1.0),
-            server_sys_us_per_forwarded_packet: None,
-            server_cpu_us_per_received_packet: cpu,
-            server_sys_us_per_received_packet: None,
-            server_rss_idle_mb: None,
-            server_rss_loaded_mb: None,
-            server_rss_kb_per_participant: None,
-            consistency_errors: Vec::new(),
-        };
-        let c = Comparison::new(
-            report(ServerKind::Chorus, Some(20.0)),
-            report(ServerKind::Janus, Some(50.0)),
-        );
-        assert_eq!(c.janus_over_chorus_cpu_per_packet, Some(2.5));
-        assert_eq!(c.janus_over_chorus_sys_per_packet, None);
-        let c = Comparison::new(
-            report(ServerKind::Chorus, None),
-            report(ServerKind::Janus, Some(50.0)),
-        );
-        assert_eq!(c.janus_over_chorus_cpu_per_packet, None);
     }
 }

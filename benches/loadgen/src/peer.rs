@@ -2,6 +2,12 @@
 //! WebRTC peer (str0m: ICE, DTLS-SRTP) on its own UDP socket, and either publishes
 //! pre-encoded Opus at 50 packets/s or only listens. Subscribers count what arrives.
 //!
+//! In video scenarios every participant joins with protocol 2 and runs str0m in RTP
+//! mode (the camera packetizes VP8 itself, see `video.rs`); a camera is published in
+//! the first offer or, like pressing the camera button, by a second offer later.
+//! Audio is the same packets either way; audio-only scenarios keep str0m's frame mode
+//! and protocol 1, exactly as before video existed.
+//!
 //! One-way delay: each publisher appends a 12-byte stamp (`CLG\x01`, publisher index,
 //! frame counter) to every Opus payload and writes the send time into a shared table
 //! slot for that counter; a subscriber reads the stamp and looks the send time up.
@@ -21,14 +27,18 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use chorus_native::SignalingClient;
 use chorus_protocol::client::{ClientMessage, ServerMessage};
+use chorus_protocol::track::{TrackDecl, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaData, MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{Direction, Frequency, MediaData, MediaKind, MediaTime, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 
 use crate::stats::Shared;
+use crate::video::{self, VideoClip, VideoSender};
+use crate::video_rx::{video_stamp, VideoPeerResult, VideoRx};
 
 pub const STAMP_LEN: usize = 12;
 const MAGIC: [u8; 4] = *b"CLG\x01";
@@ -59,8 +69,19 @@ pub struct PeerSpec {
     /// Publisher index into the send-time table when this peer talks.
     pub publisher: Option<u32>,
     pub talk: Talk,
+    /// Set in video scenarios (protocol 2, RTP mode).
+    pub video: Option<VideoSpec>,
     /// Becomes true when the run is over: leave.
     pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+pub struct VideoSpec {
+    /// Camera index when this participant publishes one.
+    pub camera: Option<u32>,
+    /// Publish the camera by a second offer this long after media connected; `None`:
+    /// in the first offer.
+    pub camera_after: Option<Duration>,
+    pub clip: Arc<VideoClip>,
 }
 
 /// A UDP socket on `ip` with a receive buffer big enough for bursts (a listener of
@@ -80,14 +101,17 @@ pub struct PeerResult {
     pub identity: String,
     pub room: String,
     pub publisher: Option<u32>,
+    pub camera: Option<u32>,
     /// Packets received per publisher index.
     pub per_publisher: HashMap<u32, u64>,
     pub lost: u64,
     pub jitter_ms: Vec<f64>,
+    pub video: VideoPeerResult,
     pub error: Option<String>,
 }
 
-/// One str0m PeerConnection (Opus only) on its own UDP socket.
+/// One str0m PeerConnection (Opus only, or in video scenarios Opus and VP8 in RTP
+/// mode) on its own UDP socket.
 pub struct Pc {
     pub rtc: Rtc,
     socket: UdpSocket,
@@ -95,6 +119,8 @@ pub struct Pc {
     buf: Vec<u8>,
     /// ICE and DTLS are up.
     pub connected: bool,
+    /// Keyframe requests (by rid) the SFU sent, for the camera to answer.
+    pub keyframe_requests: Vec<Option<Rid>>,
 }
 
 impl Pc {
@@ -103,13 +129,36 @@ impl Pc {
     pub fn new(ip: IpAddr) -> anyhow::Result<Pc> {
         let socket = bind_socket(ip)?;
         let local = socket.local_addr()?;
-        let mut rtc = Rtc::builder()
+        let rtc = Rtc::builder()
             .clear_codecs()
             .enable_opus(true, false)
             // Loss is measured from sequence numbers as packets arrive; a reordering
             // buffer would only hide it (and delay delivery).
             .set_reordering_size_audio(0)
             .build(Instant::now());
+        Self::with_rtc(rtc, socket, local)
+    }
+
+    /// A video-capable PC on `ip`: RTP mode, Opus and VP8, and the header
+    /// extensions the SFU negotiates (audio level, mid, rid, repaired rid) at its ids.
+    pub fn new_video(ip: IpAddr) -> anyhow::Result<Pc> {
+        let socket = bind_socket(ip)?;
+        let local = socket.local_addr()?;
+        let rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .clear_extension_map()
+            .set_extension(1, Extension::AudioLevel)
+            .set_extension(4, Extension::RtpMid)
+            .set_extension(10, Extension::RtpStreamId)
+            .set_extension(11, Extension::RepairedRtpStreamId)
+            .build(Instant::now());
+        Self::with_rtc(rtc, socket, local)
+    }
+
+    fn with_rtc(mut rtc: Rtc, socket: UdpSocket, local: SocketAddr) -> anyhow::Result<Pc> {
         rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| anyhow!("{e}"))?);
         Ok(Pc {
             rtc,
@@ -117,6 +166,7 @@ impl Pc {
             local,
             buf: vec![0u8; 2000],
             connected: false,
+            keyframe_requests: Vec::new(),
         })
     }
 
@@ -132,6 +182,9 @@ impl Pc {
                 }
                 Output::Event(Event::Connected) => self.connected = true,
                 Output::Event(Event::MediaData(d)) => rx.on_media(&d, shared),
+                // RTP mode (video scenarios): one packet per poll, hence the loop.
+                Output::Event(Event::RtpPacket(p)) => rx.on_rtp(&p, shared),
+                Output::Event(Event::KeyframeRequest(r)) => self.keyframe_requests.push(r.rid),
                 Output::Event(_) => {}
             }
         }
@@ -185,9 +238,20 @@ pub struct Sender {
     rtp_ts: u32,
     pt: Option<Pt>,
     payload: Vec<u8>,
+    /// RTP mode: the next sequence number (str0m numbers packets only in frame mode).
+    rtp_seq: Option<u64>,
 }
 
 impl Sender {
+    /// A sender for an RTP-mode session (video scenarios): the same packets, written
+    /// through str0m's direct API.
+    pub fn new_rtp(index: usize, publisher: u32, mid: Mid, talk: Talk) -> Sender {
+        Sender {
+            rtp_seq: Some(1 + index as u64 * 1000),
+            ..Self::new(index, publisher, mid, talk)
+        }
+    }
+
     pub fn new(index: usize, publisher: u32, mid: Mid, talk: Talk) -> Sender {
         Sender {
             publisher,
@@ -199,6 +263,7 @@ impl Sender {
             rtp_ts: 0x1234_5678u32.wrapping_mul(index as u32 + 1),
             pt: None,
             payload: Vec::with_capacity(1500),
+            rtp_seq: None,
         }
     }
 
@@ -220,11 +285,19 @@ impl Sender {
             return;
         }
         if self.pt.is_none() {
-            self.pt = rtc.writer(self.mid).and_then(|w| {
-                w.payload_params()
+            self.pt = if self.rtp_seq.is_some() {
+                // `writer` is frame mode only (it panics in RTP mode).
+                rtc.codec_config()
+                    .iter()
                     .find(|p| p.spec().codec == Codec::Opus)
                     .map(|p| p.pt())
-            });
+            } else {
+                rtc.writer(self.mid).and_then(|w| {
+                    w.payload_params()
+                        .find(|p| p.spec().codec == Codec::Opus)
+                        .map(|p| p.pt())
+                })
+            };
         }
         let Some(pt) = self.pt else { return };
         let counter = self.frame_no as u32;
@@ -236,6 +309,23 @@ impl Sender {
         self.payload.extend_from_slice(&counter.to_be_bytes());
         let now = Instant::now();
         shared.stamp(self.publisher, counter, now);
+        if let Some(seq) = self.rtp_seq.as_mut() {
+            let mut api = rtc.direct_api();
+            if let Some(tx) = api.stream_tx_by_mid(self.mid, None) {
+                let ext = ExtensionValues {
+                    audio_level: Some(-(*level.min(&127) as i8)),
+                    voice_activity: Some(true),
+                    ..Default::default()
+                };
+                tx.write_rtp(
+                    RtpWrite::new(pt, (*seq).into(), ts, now, self.payload.as_slice())
+                        .ext_vals(ext),
+                );
+                *seq += 1;
+                shared.tx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
         if let Some(w) = rtc.writer(self.mid) {
             let level = -(*level.min(&127) as i8);
             if w.audio_level(level, true)
@@ -259,20 +349,52 @@ struct RxStream {
     last: Option<(Instant, u64)>,
 }
 
+/// A received audio stream: by mid in frame mode, by SSRC in RTP mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum StreamKey {
+    Mid(Mid),
+    Ssrc(u32),
+}
+
 /// The receiving side's accounting: packets per publisher, loss from sequence gaps,
-/// interarrival jitter, and one-way delay from the stamps.
+/// interarrival jitter, and one-way delay from the stamps; video in [`VideoRx`].
 #[derive(Default)]
 pub struct Receiver {
-    streams: HashMap<Mid, RxStream>,
+    streams: HashMap<StreamKey, RxStream>,
     per_publisher: HashMap<u32, u64>,
     lost: u64,
+    pub video: VideoRx,
 }
 
 impl Receiver {
     fn on_media(&mut self, d: &MediaData, shared: &Shared) {
+        self.on_audio(
+            StreamKey::Mid(d.mid),
+            &d.data,
+            **d.seq_range.start(),
+            d.time.numer(),
+            shared,
+        );
+    }
+
+    /// RTP mode: a video packet (it carries a video stamp) or an audio one.
+    fn on_rtp(&mut self, p: &RtpPacket, shared: &Shared) {
+        if let Some(stamp) = video_stamp(&p.payload) {
+            self.video.on_rtp(p, stamp, shared);
+            return;
+        }
+        self.on_audio(
+            StreamKey::Ssrc(*p.header.ssrc),
+            &p.payload,
+            *p.seq_no,
+            p.time.numer(),
+            shared,
+        );
+    }
+
+    fn on_audio(&mut self, key: StreamKey, data: &[u8], seq: u64, ts: u64, shared: &Shared) {
         let now = Instant::now();
         shared.rx_packets.fetch_add(1, Ordering::Relaxed);
-        let data = &d.data;
         if data.len() >= STAMP_LEN {
             let s = &data[data.len() - STAMP_LEN..];
             if s[..4] == MAGIC {
@@ -290,8 +412,7 @@ impl Receiver {
                 }
             }
         }
-        let seq: u64 = **d.seq_range.start();
-        let st = self.streams.entry(d.mid).or_insert(RxStream {
+        let st = self.streams.entry(key).or_insert(RxStream {
             highest: None,
             jitter: 0.0,
             last: None,
@@ -307,7 +428,6 @@ impl Receiver {
             st.highest = Some(seq);
         }
         // RFC 3550 interarrival jitter, in ms.
-        let ts = d.time.numer();
         if let Some((t0, ts0)) = st.last {
             let arrival = now.duration_since(t0).as_secs_f64() * 1000.0;
             let media = (ts as f64 - ts0 as f64) / 48.0;
@@ -321,6 +441,7 @@ impl Receiver {
         result.per_publisher = self.per_publisher;
         result.lost = self.lost;
         result.jitter_ms = self.streams.values().map(|s| s.jitter).collect();
+        result.video = self.video.finish();
     }
 }
 
@@ -341,11 +462,39 @@ pub fn record_outcome(
 pub async fn run(mut spec: PeerSpec, clip: Arc<Clip>, shared: Arc<Shared>) -> PeerResult {
     let mut result = PeerResult {
         publisher: spec.publisher,
+        camera: spec.video.as_ref().and_then(|v| v.camera),
         ..Default::default()
     };
     let outcome = run_inner(&mut spec, &clip, &shared, &mut result).await;
     record_outcome(outcome, spec.index, &shared, &mut result);
     result
+}
+
+/// Joins with protocol 2 (video). `SignalingClient::join` asks for protocol 1, which
+/// the native client needs (it plays no video).
+async fn join_video(url: &str, token: &str) -> anyhow::Result<(SignalingClient, ServerMessage)> {
+    let mut c = SignalingClient::connect(url).await?;
+    c.send(&ClientMessage::Join {
+        token: token.to_string(),
+        room: None,
+        resume: false,
+        protocol: Some(chorus_protocol::PROTOCOL_VERSION),
+    })
+    .await?;
+    match c.recv_timeout(Duration::from_secs(10)).await? {
+        chorus_native::Incoming::Message(m @ ServerMessage::Joined { .. }) => Ok((c, m)),
+        chorus_native::Incoming::Message(ServerMessage::Error { code, message }) => {
+            bail!("join refused: {} ({message})", code.as_str())
+        }
+        other => bail!("unexpected reply to join: {other:?}"),
+    }
+}
+
+fn camera_decl(cam: Mid) -> Vec<TrackDecl> {
+    vec![TrackDecl {
+        mid: cam.to_string(),
+        source: TrackSource::Camera,
+    }]
 }
 
 async fn run_inner(
@@ -354,7 +503,11 @@ async fn run_inner(
     shared: &Shared,
     result: &mut PeerResult,
 ) -> anyhow::Result<()> {
-    let (mut sig, joined) = SignalingClient::join(&spec.url, &spec.token).await?;
+    let video = spec.video.take();
+    let (mut sig, joined) = match &video {
+        Some(_) => join_video(&spec.url, &spec.token).await?,
+        None => SignalingClient::join(&spec.url, &spec.token).await?,
+    };
     let ServerMessage::Joined { me, room, .. } = joined else {
         bail!("unexpected join reply");
     };
@@ -362,7 +515,11 @@ async fn run_inner(
     result.room = room;
     shared.joined.fetch_add(1, Ordering::Relaxed);
 
-    let mut pc = Pc::new(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut pc = match &video {
+        Some(_) => Pc::new_video(localhost)?,
+        None => Pc::new(localhost)?,
+    };
     let mut api = pc.rtc.sdp_api();
     let dir = if spec.publisher.is_some() {
         Direction::SendOnly
@@ -370,27 +527,59 @@ async fn run_inner(
         Direction::RecvOnly
     };
     let mic = api.add_media(MediaKind::Audio, dir, None, None, None);
+    let camera = video.as_ref().and_then(|v| v.camera);
+    // The camera in the first offer, or later (`camera_after`).
+    let mut cam = None;
+    if camera.is_some() && video.as_ref().is_some_and(|v| v.camera_after.is_none()) {
+        cam = Some(video::add_camera(&mut api));
+    }
     let (offer, pending) = api.apply().context("offer")?;
     let mut pending = Some(pending);
+    let now = Instant::now();
+    if let (Some(c), Some(_)) = (camera, cam) {
+        shared.video.published(c, shared.elapsed_ns(now));
+    }
+    let mut rx = Receiver::default();
+    rx.video.offered(now, shared);
     sig.send(&ClientMessage::Offer {
         sdp: offer.to_sdp_string(),
-        tracks: Vec::new(),
+        tracks: cam.map(camera_decl).unwrap_or_default(),
     })
     .await?;
 
-    let mut sender = spec
-        .publisher
-        .map(|p| Sender::new(spec.index, p, mic, spec.talk));
-    let mut rx = Receiver::default();
+    let mut sender = spec.publisher.map(|p| match &video {
+        Some(_) => Sender::new_rtp(spec.index, p, mic, spec.talk),
+        None => Sender::new(spec.index, p, mic, spec.talk),
+    });
+    // The camera sends once the offer that published it is answered.
+    let mut camera_tx: Option<VideoSender> = None;
+    let mut camera_pending = cam.is_some();
+    // When the offer that publishes the camera went out.
+    let mut camera_offered = cam.map(|_| now);
+    let mut camera_at: Option<tokio::time::Instant> = None;
     let mut counted = false;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut frame_tick = tokio::time::interval(video::FRAME_INTERVAL);
+    frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
         let deadline = pc.drive(&mut rx, shared)?;
+        for rid in pc.keyframe_requests.drain(..) {
+            if let Some(c) = camera_tx.as_mut() {
+                c.request_keyframe(rid, shared);
+            }
+        }
         if pc.connected && !counted {
             counted = true;
             shared.connected.fetch_add(1, Ordering::Relaxed);
+            rx.video.ready(Instant::now(), shared);
+            if let (Some(_), None, Some(after)) =
+                (camera, cam, video.as_ref().and_then(|v| v.camera_after))
+            {
+                camera_at = Some(tokio::time::Instant::now() + after);
+            }
         }
         if *spec.stop.borrow() {
             break;
@@ -402,11 +591,24 @@ async fn run_inner(
                     let answer = SdpAnswer::from_sdp_string(&sdp)?;
                     let p = pending.take().ok_or_else(|| anyhow!("answer without offer"))?;
                     pc.rtc.sdp_api().accept_answer(p, answer)?;
+                    if let (true, Some(c), Some(mid)) = (camera_pending, camera, cam) {
+                        camera_pending = false;
+                        if let Some(t) = camera_offered.take() {
+                            shared.video.answered(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        camera_tx = Some(VideoSender::new(spec.index, c, mid));
+                    }
                 }
+                // While our own offer is unanswered the server's offer is ignored: it
+                // abandons it on our offer and offers again after answering (protocol
+                // 2, "No glare"). Audio-only peers never have an offer out then.
+                chorus_native::Incoming::Message(ServerMessage::Offer { .. })
+                    if pending.is_some() => {}
                 chorus_native::Incoming::Message(ServerMessage::Offer { sdp }) => {
                     let offer = SdpOffer::from_sdp_string(&sdp)?;
                     let answer = pc.rtc.sdp_api().accept_offer(offer)?;
                     sig.send(&ClientMessage::Answer { sdp: answer.to_sdp_string() }).await?;
+                    rx.video.answered(Instant::now(), shared);
                 }
                 chorus_native::Incoming::Message(ServerMessage::Error { code, message }) => {
                     bail!("server error {}: {message}", code.as_str());
@@ -422,6 +624,33 @@ async fn run_inner(
                     s.tick(&mut pc.rtc, clip, shared);
                 }
             }
+            _ = frame_tick.tick(), if camera_tx.is_some() && pc.connected => {
+                if let (Some(c), Some(v)) = (camera_tx.as_mut(), video.as_ref()) {
+                    c.tick(&mut pc.rtc, &v.clip, shared);
+                }
+            }
+            // Turning the camera on: a new offer (never while one is out).
+            _ = tokio::time::sleep_until(camera_at.unwrap_or(far)),
+                if camera_at.is_some() && pending.is_none() =>
+            {
+                camera_at = None;
+                let mut api = pc.rtc.sdp_api();
+                let mid = video::add_camera(&mut api);
+                let (offer, p) = api.apply().context("camera offer")?;
+                pending = Some(p);
+                cam = Some(mid);
+                camera_pending = true;
+                let now = Instant::now();
+                camera_offered = Some(now);
+                if let Some(c) = camera {
+                    shared.video.published(c, shared.elapsed_ns(now));
+                }
+                sig.send(&ClientMessage::Offer {
+                    sdp: offer.to_sdp_string(),
+                    tracks: camera_decl(mid),
+                })
+                .await?;
+            }
             _ = tokio::time::sleep_until(deadline.into()) => pc.timeout()?,
             _ = spec.stop.changed() => break,
         }
@@ -431,6 +660,9 @@ async fn run_inner(
     sig.close().await;
     if !pc.connected {
         bail!("media never connected");
+    }
+    if camera.is_some() && camera_tx.is_none() {
+        bail!("the camera was never published (no answer to its offer)");
     }
     Ok(())
 }

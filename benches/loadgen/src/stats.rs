@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::peer::SLOTS;
+use crate::video_rx::VideoShared;
 
 /// Delay histogram: 10 µs buckets up to 1 s (values above land in the last bucket).
 pub struct DelayHistogram {
@@ -14,15 +15,29 @@ pub struct DelayHistogram {
 const BUCKET_NS: u64 = 10_000;
 const BUCKETS: usize = 100_000;
 
+impl Default for DelayHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DelayHistogram {
-    fn new() -> Self {
+    pub fn new() -> Self {
+        Self::with_buckets(BUCKETS)
+    }
+
+    /// At most `n` buckets (fewer cover less than a second: a histogram nobody fills
+    /// need not cost 800 KB).
+    pub fn with_buckets(n: usize) -> Self {
         DelayHistogram {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: (0..n.clamp(1, BUCKETS))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
     pub fn observe(&self, ns: u64) {
-        let i = ((ns / BUCKET_NS) as usize).min(BUCKETS - 1);
+        let i = ((ns / BUCKET_NS) as usize).min(self.buckets.len() - 1);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -62,45 +77,38 @@ pub struct Shared {
     pub delay: DelayHistogram,
     /// Packets whose send time had left the ring (more than ~10 s in flight).
     pub unmeasured: AtomicU64,
-    /// Per publisher, a ring of (counter << 40 | send time in ns since `start`).
-    sent: Vec<AtomicU64>,
+    /// Audio send times, by publisher index and frame counter.
+    sent: SendTimes,
+    /// Cameras: their own counters and send times (all zero in audio scenarios).
+    pub video: VideoShared,
 }
 
 const NS_BITS: u32 = 40;
 const NS_MASK: u64 = (1 << NS_BITS) - 1;
 
-impl Shared {
+/// Per publisher, a ring of `SLOTS` entries (counter << 40 | send time in ns since the
+/// run's start), indexed by the counter the stamp carries.
+pub struct SendTimes {
+    sent: Vec<AtomicU64>,
+}
+
+impl SendTimes {
     pub fn new(publishers: usize) -> Self {
-        Shared {
-            start: Instant::now(),
-            joined: AtomicU64::new(0),
-            connected: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            tx_packets: AtomicU64::new(0),
-            rx_packets: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-            delay: DelayHistogram::new(),
-            unmeasured: AtomicU64::new(0),
+        SendTimes {
             sent: (0..publishers.max(1) * SLOTS)
                 .map(|_| AtomicU64::new(u64::MAX))
                 .collect(),
         }
     }
 
-    pub fn elapsed_ns(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.start).as_nanos() as u64 & NS_MASK
-    }
-
-    pub fn stamp(&self, publisher: u32, counter: u32, t: Instant) {
+    pub fn stamp(&self, publisher: u32, counter: u32, ns: u64) {
         let slot = publisher as usize * SLOTS + counter as usize % SLOTS;
         if let Some(s) = self.sent.get(slot) {
             let tag = u64::from(counter & 0xff_ffff) << NS_BITS;
-            s.store(tag | self.elapsed_ns(t), Ordering::Relaxed);
+            s.store(tag | (ns & NS_MASK), Ordering::Relaxed);
         }
     }
 
-    /// Send time (ns since start) of `counter` from `publisher`, if its slot still
-    /// holds it (a packet older than the ring is not measured).
     pub fn sent_at(&self, publisher: u32, counter: u32) -> Option<u64> {
         let slot = publisher as usize * SLOTS + counter as usize % SLOTS;
         let v = self.sent.get(slot)?.load(Ordering::Relaxed);
@@ -111,13 +119,45 @@ impl Shared {
     }
 }
 
+impl Shared {
+    pub fn with_cameras(publishers: usize, cameras: usize) -> Self {
+        Shared {
+            start: Instant::now(),
+            joined: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            delay: DelayHistogram::new(),
+            unmeasured: AtomicU64::new(0),
+            sent: SendTimes::new(publishers),
+            video: VideoShared::new(cameras),
+        }
+    }
+
+    pub fn elapsed_ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.start).as_nanos() as u64 & NS_MASK
+    }
+
+    pub fn stamp(&self, publisher: u32, counter: u32, t: Instant) {
+        self.sent.stamp(publisher, counter, self.elapsed_ns(t));
+    }
+
+    /// Send time (ns since start) of `counter` from `publisher`, if its slot still
+    /// holds it (a packet older than the ring is not measured).
+    pub fn sent_at(&self, publisher: u32, counter: u32) -> Option<u64> {
+        self.sent.sent_at(publisher, counter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn stamps_round_trip_and_stale_slots_are_refused() {
-        let s = Shared::new(2);
+        let s = Shared::with_cameras(2, 0);
         let t = Instant::now();
         s.stamp(1, 7, t);
         assert_eq!(s.sent_at(1, 7), Some(s.elapsed_ns(t)));
