@@ -51,6 +51,23 @@ pub fn select_layer(live: u8, cap: Quality) -> Option<u8> {
     under.or_else(|| (0..MAX_LAYERS as u8).find(|l| live & (1 << l) != 0))
 }
 
+/// The layer a forwarder that shows nothing yet should start on. Normally the target;
+/// but if a keyframe request for the target went out within the throttle interval (for
+/// another subscriber, whose keyframe has passed), waiting for the next one could take
+/// 500 ms: start at once on the highest lower layer that can still be asked for a
+/// keyframe, and move up at the target's next keyframe. `requestable` is the mask of
+/// layers a request may go out for now.
+pub fn startup_layer(target: Option<u8>, requestable: u8) -> Option<u8> {
+    let t = target?;
+    if requestable & (1 << t) != 0 {
+        return Some(t);
+    }
+    (0..t)
+        .rev()
+        .find(|l| requestable & (1 << l) != 0)
+        .or(Some(t))
+}
+
 /// The VP8 payload descriptor fields the forwarder rewrites, as parsed from a packet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Vp8Fields {
@@ -358,6 +375,23 @@ mod tests {
         ];
         for (live, cap, want) in table {
             assert_eq!(select_layer(live, cap), want, "live {live:03b} cap {cap:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_subscriber_starts_lower_while_the_target_is_throttled() {
+        // (target, requestable, expected start)
+        let table = [
+            (Some(2), 0b111, Some(2)),
+            (Some(2), 0b011, Some(1)),
+            (Some(2), 0b001, Some(0)),
+            (Some(2), 0b000, Some(2)),
+            (Some(1), 0b101, Some(0)),
+            (Some(0), 0b110, Some(0)),
+            (None, 0b111, None),
+        ];
+        for (target, req, want) in table {
+            assert_eq!(startup_layer(target, req), want, "{target:?} {req:03b}");
         }
     }
 

@@ -85,6 +85,21 @@ impl Receiver {
         m
     }
 
+    /// Bit mask of live layers a keyframe request could go out for now (not within
+    /// [`KEYFRAME_INTERVAL`] of the last one).
+    pub fn requestable(&self, now: Instant) -> u8 {
+        let mut m = 0;
+        for (i, l) in self.layers.iter().enumerate() {
+            let throttled = l
+                .last_request
+                .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_INTERVAL);
+            if l.ssrc.is_some() && !throttled {
+                m |= 1 << i;
+            }
+        }
+        m & self.live(now)
+    }
+
     /// The SSRC a layer arrives on.
     pub fn ssrc(&self, layer: u8) -> Option<u32> {
         self.layers.get(layer as usize).and_then(|l| l.ssrc)
@@ -150,6 +165,8 @@ mod tests {
             assert!(w[1].0 - w[0].0 >= KEYFRAME_INTERVAL);
         }
         assert!(sent.iter().all(|(_, k)| k.ssrc == 99 && k.layer == 2));
+        let just_after = sent[3].0 + Duration::from_millis(10);
+        assert_eq!(r.requestable(just_after) & 0b100, 0, "layer 2 is throttled");
         // Another layer has its own budget.
         assert!(
             r.request(1, t0).is_none(),

@@ -53,6 +53,8 @@ struct Client {
     drop_wire: Vec<u16>,
     dropped: Vec<u16>,
     offers_seen: Vec<String>,
+    joined_at: Instant,
+    first_video_at: Option<Instant>,
 }
 
 fn vp8_payload(layer: u8, pid: u16, key: bool) -> Vec<u8> {
@@ -105,6 +107,8 @@ impl Client {
             drop_wire: Vec::new(),
             dropped: Vec::new(),
             offers_seen: Vec::new(),
+            joined_at: now,
+            first_video_at: None,
         }
     }
 
@@ -270,6 +274,7 @@ impl Sim {
                 Output::Event(Event::Connected) => c.connected = true,
                 Output::Event(Event::RtpPacket(p)) => {
                     if p.payload.len() == 9 {
+                        c.first_video_at.get_or_insert(now);
                         let d = Vp8Descriptor::parse(&p.payload).unwrap();
                         c.video.push(Got {
                             ssrc: *p.header.ssrc,
@@ -684,4 +689,34 @@ fn a_client_offer_during_our_offer_does_not_lose_the_tracks_we_offered() {
         c.audio
     );
     assert!(!c.video.is_empty(), "and sees it");
+}
+
+#[test]
+fn a_subscriber_arriving_just_after_another_starts_at_once_on_a_lower_layer() {
+    let mut sim = Sim::new();
+    sim.join(1, true, true);
+    sim.run(1500);
+    // Subscriber 3's arrival makes the SFU ask for a top-layer keyframe; subscriber 4
+    // arrives 150 ms later, inside the 500 ms throttle of that request.
+    sim.join(3, false, true);
+    sim.run(150);
+    sim.join(4, false, true);
+    sim.run(1500);
+    let first = |sim: &mut Sim, id: u64| {
+        let c = sim.client(id);
+        c.first_video_at.expect("video arrived") - c.joined_at
+    };
+    let (t3, t4) = (first(&mut sim, 3), first(&mut sim, 4));
+    assert!(
+        t4 < Duration::from_millis(300),
+        "subscriber 4 waited {t4:?} (3 waited {t3:?})"
+    );
+    let got = sim.client(4).video.clone();
+    assert!(
+        got[0].layer < 2,
+        "4 started below the throttled top layer: {:?}",
+        got[0]
+    );
+    assert_eq!(got.last().unwrap().layer, 2, "and moved up to it");
+    assert_continuous(&got);
 }

@@ -7,7 +7,7 @@ use str0m::media::KeyframeRequestKind;
 use str0m::rtp::Vp8Descriptor;
 
 use super::*;
-use crate::forwarder::{layer_quality, select_layer, VideoIn, Vp8Fields};
+use crate::forwarder::{layer_quality, select_layer, startup_layer, VideoIn, Vp8Fields};
 use crate::receiver::KeyframeRequest;
 use crate::track::matching_pt;
 
@@ -233,6 +233,7 @@ impl Worker {
         let mut deferred = None;
         t.receiver.on_packet(layer, ssrc, now, &mut deferred);
         let live = t.receiver.live(now);
+        let requestable = t.receiver.requestable(now);
         let simulcast = t.simulcast();
         let index = t.index;
         let fb = (params.fb_pli(), params.fb_fir());
@@ -290,7 +291,17 @@ impl Worker {
             let Some(sub_pt) = sub_pt else {
                 continue;
             };
-            let target = select_layer(live, dt.cap);
+            let wanted = select_layer(live, dt.cap);
+            let target = match (dt.video.current_layer(), dt.video.target()) {
+                // Showing something: follow the cap (switching at the next keyframe).
+                (Some(_), _) => wanted,
+                // Waiting for a first keyframe on a layer chosen before: keep waiting
+                // for it rather than hopping between layers.
+                (None, Some(w)) if wanted.is_some_and(|t| w <= t) && live & (1 << w) != 0 => {
+                    Some(w)
+                }
+                (None, _) => startup_layer(wanted, requestable),
+            };
             if dt.video.target() != target {
                 dt.video.set_target(target);
             }
