@@ -55,6 +55,10 @@ struct Client {
     offers_seen: Vec<String>,
     joined_at: Instant,
     first_video_at: Option<Instant>,
+    /// Drop every datagram from the SFU while now is in this range (an outage), and
+    /// record the RTP ones: (ssrc, seq, when).
+    blackhole: Option<(Instant, Instant)>,
+    blackholed: Vec<(u32, u16, Instant)>,
 }
 
 fn vp8_payload(layer: u8, pid: u16, key: bool) -> Vec<u8> {
@@ -109,6 +113,8 @@ impl Client {
             offers_seen: Vec::new(),
             joined_at: now,
             first_video_at: None,
+            blackhole: None,
+            blackholed: Vec::new(),
         }
     }
 
@@ -314,6 +320,12 @@ impl Sim {
                     continue;
                 };
                 let c = &mut self.clients[i];
+                if c.blackhole.is_some_and(|(a, b)| now >= a && now < b) {
+                    if let Some((ssrc, seq)) = rtp_header(&t.contents) {
+                        c.blackholed.push((ssrc, seq, now));
+                    }
+                    continue;
+                }
                 if let Some((_, seq)) = rtp_header(&t.contents) {
                     if let Some(k) = c.drop_wire.iter().position(|s| *s == seq) {
                         c.drop_wire.remove(k);
@@ -719,4 +731,50 @@ fn a_subscriber_arriving_just_after_another_starts_at_once_on_a_lower_layer() {
     );
     assert_eq!(got.last().unwrap().layer, 2, "and moved up to it");
     assert_continuous(&got);
+}
+
+#[test]
+fn nacks_are_answered_from_the_send_buffer_but_not_past_its_age() {
+    let mut sim = Sim::new();
+    sim.join(1, true, true);
+    sim.join(2, false, true);
+    sim.run(1500);
+    let main_ssrc = sim.client(2).video.last().unwrap().ssrc;
+    // 1.3 s in which nothing from the SFU reaches subscriber 2. When packets flow again
+    // it NACKs the whole gap: what was sent in the last second is still in the SFU's
+    // send buffer (1 s, 1000 packets), what was sent before is not.
+    let start = sim.now;
+    sim.client(2).blackhole = Some((start, start + Duration::from_millis(1300)));
+    sim.run(2500);
+    let c = sim.client(2);
+    let got: std::collections::HashSet<u16> = c.video.iter().map(|g| g.seq as u16).collect();
+    let lost: Vec<(u16, Duration)> = c
+        .blackholed
+        .iter()
+        .filter(|(ssrc, _, _)| *ssrc == main_ssrc)
+        .map(|(_, seq, t)| (*seq, *t - start))
+        .collect();
+    assert!(lost.len() > 50, "the outage dropped video: {}", lost.len());
+    let early: Vec<_> = lost
+        .iter()
+        .filter(|(_, t)| *t < Duration::from_millis(200))
+        .collect();
+    let late: Vec<_> = lost
+        .iter()
+        .filter(|(_, t)| *t > Duration::from_millis(900))
+        .collect();
+    let early_back = early.iter().filter(|(s, _)| got.contains(s)).count();
+    let late_back = late.iter().filter(|(s, _)| got.contains(s)).count();
+    assert!(!early.is_empty() && !late.is_empty());
+    assert_eq!(
+        early_back,
+        0,
+        "packets older than the send buffer were resent: {early_back} of {}",
+        early.len()
+    );
+    assert!(
+        late_back * 2 >= late.len(),
+        "recent losses were resent: {late_back} of {}",
+        late.len()
+    );
 }
