@@ -264,25 +264,30 @@ test("camera off removes the tile on the other pages; on again reuses the m-sect
   assert.equal(again.count, before.count, "A's SDP did not grow");
 }));
 
-test("H264 is negotiated when a page offers only H264", () => diag(async () => {
-  const pageD = await newPage(browserC, "D");
-  extraPages.push(["D", pageD]);
-  // ?codec=h264 makes the page's camera offer only H264 (setCodecPreferences).
-  const selfD = await joinViaUi(pageD, server.origin, "Dee", ROOM, { query: "?codec=h264" });
-  await cameraOn(pageD, "D", selfD);
-  const row = await waitDecoding(pageB, "B", selfD.sid, "camera", "decoding H264",
-    (r) => r.framesDecoded > 5 && r.mimeType !== null, { timeout: 30_000, interval: 250 });
-  assert.equal(String(row.row.mimeType).toLowerCase(), "video/h264", "B receives D's camera as H264");
-  const out = (await outboundVideo(pageD)).filter((r) => r.mid);
-  assert.ok(out.length > 0 && out.every((r) => String(r.mimeType).toLowerCase() === "video/h264"),
-    `D sends H264 only: ${JSON.stringify(out)}`);
-  const info = await trackInfoOf(pageB, selfD.sid, "camera");
-  assert.equal(info.codec, "h264", "the track's codec says h264");
-  await waitFramesGrow(pageB, "B", info.sid, 10);
-  await pageD.getByTestId("leave-button").click();
-  await waitNoTile(pageB, "B", selfD.sid, "camera");
-  await pageD.context().close();
-}));
+// H264 (constrained baseline, packetization-mode 1) with simulcast; VP9 and AV1, which
+// the SFU forwards as it does any layer (no SVC layer dropping).
+for (const [codec, name, mime] of [["h264", "Dee", "video/h264"], ["vp9", "Vic", "video/vp9"], ["av1", "Avi", "video/av1"]]) {
+  test(`${codec.toUpperCase()} is negotiated when a page offers only ${codec.toUpperCase()}`, () => diag(async () => {
+    const label = `D-${codec}`;
+    const pageD = await newPage(browserC, label);
+    extraPages.push([label, pageD]);
+    // ?codec=… makes the page's camera offer only that codec (setCodecPreferences).
+    const selfD = await joinViaUi(pageD, server.origin, name, ROOM, { query: `?codec=${codec}` });
+    await cameraOn(pageD, label, selfD);
+    const row = await waitDecoding(pageB, "B", selfD.sid, "camera", `decoding ${codec}`,
+      (r) => r.framesDecoded > 5 && r.mimeType !== null, { timeout: 30_000, interval: 250 });
+    assert.equal(String(row.row.mimeType).toLowerCase(), mime, `B receives ${label}'s camera as ${mime}`);
+    const out = (await outboundVideo(pageD)).filter((r) => r.mid);
+    assert.ok(out.length > 0 && out.every((r) => String(r.mimeType).toLowerCase() === mime),
+      `${label} sends ${mime} only: ${JSON.stringify(out)}`);
+    const info = await trackInfoOf(pageB, selfD.sid, "camera");
+    assert.equal(info.codec, codec, `the track's codec says ${codec}`);
+    await waitFramesGrow(pageB, "B", info.sid, 10);
+    await pageD.getByTestId("leave-button").click();
+    await waitNoTile(pageB, "B", selfD.sid, "camera");
+    await pageD.context().close();
+  }));
+}
 
 test("a microphone-only token cannot publish a camera: forbidden, shown, rolled back", () => diag(async () => {
   const pageE = await newPage(browserC, "E");
