@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::track::{Quality, SourceSet, TrackDecl, TrackInfo, TrackSource};
+use crate::track::{Quality, QualityReason, SourceSet, TrackDecl, TrackInfo, TrackSource};
 
 /// What a token allows. Every field defaults to `false` when absent from a token, except
 /// where [`Grants::default_participant`] is used to mint one.
@@ -114,10 +114,20 @@ pub enum ClientMessage {
     /// Ask for (or stop) server-side noise suppression of the client's microphone.
     Enhance { enabled: bool },
     /// The most this client wants of another participant's video track (protocol 2):
-    /// `off` stops it, `low`/`medium`/`high` cap its simulcast layer.
+    /// `off` stops it, `low`/`medium`/`high` cap its simulcast layer. Adaptive stream:
+    /// `visible: false` pauses the track (a hidden tile, a background tab) and
+    /// `width`/`height` (device pixels of the tile) cap it at the layer that fits. Each
+    /// field left out keeps its previous value.
     UpdateSubscription {
         track_sid: String,
-        max_quality: Quality,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_quality: Option<Quality>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        visible: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        width: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        height: Option<u32>,
     },
     /// Keep-alive; answered by `pong` with the same `ts`.
     Ping {
@@ -181,6 +191,16 @@ pub enum ServerMessage {
     TrackQuality {
         track_sid: String,
         quality: Quality,
+        /// Why it is less than `max_quality` allows (absent: it is not).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<QualityReason>,
+    },
+    /// Dynacast (protocol 2): the simulcast layers of this client's own track that some
+    /// subscriber receives. The client stops encoding the others (`active: false`) and
+    /// starts them again when a later `publish_layers` lists them.
+    PublishLayers {
+        track_sid: String,
+        layers: Vec<Quality>,
     },
     Error {
         code: ErrorCode,

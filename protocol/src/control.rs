@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::track::{Quality, TrackDecl, TrackInfo};
+use crate::track::{Quality, QualityReason, ReceiveStats, TrackDecl, TrackInfo};
 
 /// Messages from signaling to a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,10 +50,18 @@ pub enum ToNode {
     /// participant's microphone.
     SetEnhanced { participant: u64, enabled: bool },
     /// The most `participant` wants of track `track` (a track sid from `tracks`).
+    /// Fields left out keep their previous value (see the client's `update_subscription`).
     SetSubscription {
         participant: u64,
         track: String,
-        max_quality: Quality,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_quality: Option<Quality>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        visible: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        width: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        height: Option<u32>,
     },
     /// Remove a participant and free its media session.
     RemoveParticipant { participant: u64 },
@@ -96,6 +104,21 @@ pub enum FromNode {
         participant: u64,
         track: String,
         quality: Quality,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<QualityReason>,
+    },
+    /// Dynacast: the layers of `participant`'s own track `track` that some subscriber
+    /// receives (sent when the set changes).
+    PublishLayers {
+        participant: u64,
+        track: String,
+        layers: Vec<Quality>,
+    },
+    /// A subscriber's downlink: estimate, allocation and layers (every few seconds
+    /// while it receives video).
+    ReceiveStats {
+        participant: u64,
+        stats: ReceiveStats,
     },
     /// The room's dominant speaker changed (`None`: nobody dominates any more).
     Dominant {

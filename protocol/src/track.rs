@@ -184,6 +184,49 @@ pub struct TrackInfo {
     pub layers: Vec<Quality>,
 }
 
+/// Why a subscriber receives less of a video track than its `max_quality` allows
+/// (`track_quality.reason`). Absent when it receives what it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QualityReason {
+    /// The subscriber's downlink cannot carry more: the stream allocator lowered the
+    /// layer, or paused the track (`quality: off`) until probing shows room.
+    Bandwidth,
+    /// Adaptive stream: the client said the track's tile is hidden (or its tab is in the
+    /// background), so nothing is sent; or the tile is small, so a lower layer is.
+    View,
+    /// The publisher is not sending the layer (its uplink shed it, or it has not started).
+    Publisher,
+}
+
+/// How one subscriber receives one video track, for operators (admin API, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackReceive {
+    pub track: String,
+    /// The layer forwarded now (`off`: nothing).
+    pub quality: Quality,
+    /// The layer the allocator grants (`off`: paused).
+    pub allocated: Quality,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<QualityReason>,
+}
+
+/// One subscriber's downlink as the node sees it (sent every few seconds while the
+/// subscriber receives video).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveStats {
+    /// Bandwidth estimate from transport-wide congestion feedback, bits per second.
+    pub estimate_bps: u64,
+    /// What the allocator granted video (sum of the chosen layers' bitrates).
+    pub allocated_bps: u64,
+    /// What was forwarded (audio and video) over the last second.
+    pub actual_bps: u64,
+    /// Whether the estimator is probing for more room (the subscriber wants more).
+    #[serde(default)]
+    pub probing: bool,
+    pub tracks: Vec<TrackReceive>,
+}
+
 /// What a client says about one m-section of its offer: which source it carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackDecl {

@@ -943,7 +943,8 @@ fn handle_server_message(
         // Layer reports are for video, which this audio-only client never receives.
         ServerMessage::Pong { .. }
         | ServerMessage::Joined { .. }
-        | ServerMessage::TrackQuality { .. } => {}
+        | ServerMessage::TrackQuality { .. }
+        | ServerMessage::PublishLayers { .. } => {}
     }
     None
 }
