@@ -8,6 +8,7 @@
 //! takes orders from signaling over an authenticated QUIC control connection
 //! (`docs/control-protocol.md`).
 
+pub mod allocator;
 pub mod demux;
 pub mod enhance;
 pub mod fasthash;
