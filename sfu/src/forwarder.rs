@@ -43,10 +43,16 @@ pub fn layer_quality(layer: u8, simulcast: bool) -> Quality {
 /// under the cap, the lowest live layer (a cap never means "nothing" unless it is `off`).
 /// `live` is a bit mask of layers that are arriving.
 ///
-/// This is the seam the bandwidth-driven stream allocator plugs into: it will lower the
-/// cap per track; everything after the choice stays as it is.
+/// The bandwidth-driven stream allocator plugs in here by lowering the cap per track
+/// (see [`select_layer_at`]); everything after the choice stays as it is.
 pub fn select_layer(live: u8, cap: Quality) -> Option<u8> {
-    let max = cap_layer(cap)?;
+    select_layer_at(live, cap_layer(cap))
+}
+
+/// [`select_layer`] with the cap as a layer index: the worker passes the least of the
+/// subscriber's `max_quality`, its adaptive-stream limit and the allocator's grant.
+pub fn select_layer_at(live: u8, max: Option<u8>) -> Option<u8> {
+    let max = max?;
     let under = (0..=max).rev().find(|l| live & (1 << l) != 0);
     under.or_else(|| (0..MAX_LAYERS as u8).find(|l| live & (1 << l) != 0))
 }

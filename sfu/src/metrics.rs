@@ -1,5 +1,7 @@
-//! The node's Prometheus metrics: packet counters, the forwarding-time histogram and
-//! per-room participant counts. Workers update plain atomics (no locks on the packet
+//! The node's Prometheus metrics: packet counters, the forwarding-time histogram,
+//! per-room participant counts, and the video downlinks (estimate, allocated and actual
+//! bitrate as histograms over subscribers, layer switches, pauses: low cardinality, no
+//! series per participant). Workers update plain atomics (no locks on the packet
 //! path); room counts change only on joins and leaves and sit behind a mutex.
 
 use std::collections::BTreeMap;
@@ -56,6 +58,47 @@ impl Histogram {
     }
 }
 
+/// Upper bounds of the downlink bitrate buckets, in kbit/s.
+pub const RATE_BUCKETS_KBPS: [u64; 9] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 50_000];
+
+/// A histogram of bitrates (one sample per video subscriber every few seconds).
+#[derive(Debug, Default)]
+pub struct RateHistogram {
+    buckets: [AtomicU64; RATE_BUCKETS_KBPS.len() + 1],
+    sum_bps: AtomicU64,
+    count: AtomicU64,
+}
+
+impl RateHistogram {
+    pub fn observe(&self, bps: u64) {
+        let i = RATE_BUCKETS_KBPS
+            .iter()
+            .position(|&b| bps <= b * 1000)
+            .unwrap_or(RATE_BUCKETS_KBPS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_bps.fetch_add(bps, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut acc = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Ordering::Relaxed);
+            match RATE_BUCKETS_KBPS.get(i) {
+                Some(k) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {acc}", k * 1000);
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {acc}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum_bps.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct SfuMetrics {
     pub datagrams_received: AtomicU64,
@@ -72,6 +115,17 @@ pub struct SfuMetrics {
     /// Time from the kernel receiving a datagram to having sent everything it caused,
     /// for datagrams that were forwarded to at least one subscriber.
     pub forward_time: Histogram,
+    /// Video subscribers' downlinks, sampled every few seconds each.
+    pub downlink_estimate: RateHistogram,
+    pub downlink_allocated: RateHistogram,
+    pub downlink_actual: RateHistogram,
+    /// Layer changes made by the stream allocators.
+    pub layer_switches_up: AtomicU64,
+    pub layer_switches_down: AtomicU64,
+    /// Per worker: video tracks paused for bandwidth now (summed over subscribers).
+    paused: Vec<AtomicU64>,
+    /// Dynacast: layer on/off messages sent to publishers.
+    pub publish_layer_updates: AtomicU64,
     /// Per worker: room → participants.
     rooms: Mutex<Vec<BTreeMap<String, usize>>>,
 }
@@ -80,7 +134,15 @@ impl SfuMetrics {
     pub fn new(workers: usize) -> Self {
         SfuMetrics {
             rooms: Mutex::new(vec![BTreeMap::new(); workers]),
+            paused: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
+        }
+    }
+
+    /// Worker `w`'s count of video tracks paused for bandwidth.
+    pub fn set_paused(&self, w: usize, n: u64) {
+        if let Some(a) = self.paused.get(w) {
+            a.store(n, Ordering::Relaxed);
         }
     }
 
@@ -98,7 +160,7 @@ impl SfuMetrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "chorus_sfu_datagrams_received_total",
                 "UDP datagrams read from the media sockets.",
@@ -134,6 +196,21 @@ impl SfuMetrics {
                 "RTP packets sent to subscribers.",
                 g(&self.rtp_forwarded),
             ),
+            (
+                "chorus_sfu_layer_switches_up_total",
+                "Video layer raises made by the stream allocators.",
+                g(&self.layer_switches_up),
+            ),
+            (
+                "chorus_sfu_layer_switches_down_total",
+                "Video layer drops (and pauses) made by the stream allocators.",
+                g(&self.layer_switches_down),
+            ),
+            (
+                "chorus_sfu_publish_layer_updates_total",
+                "Dynacast messages telling a publisher which layers to encode.",
+                g(&self.publish_layer_updates),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -158,6 +235,26 @@ impl SfuMetrics {
         }
         let _ = writeln!(out, "{h}_sum {}", self.forward_time.sum().as_secs_f64());
         let _ = writeln!(out, "{h}_count {}", self.forward_time.count());
+        self.downlink_estimate.render(
+            &mut out,
+            "chorus_sfu_downlink_estimate_bps",
+            "Video subscribers' downlink bandwidth estimates, bit/s (sampled every 2 s each).",
+        );
+        self.downlink_allocated.render(
+            &mut out,
+            "chorus_sfu_downlink_allocated_bps",
+            "Video bitrate the stream allocator granted each subscriber, bit/s.",
+        );
+        self.downlink_actual.render(
+            &mut out,
+            "chorus_sfu_downlink_actual_bps",
+            "What was forwarded to each video subscriber over the last second, bit/s.",
+        );
+        let paused: u64 = self.paused.iter().map(g).sum();
+        let _ = writeln!(
+            out,
+            "# HELP chorus_sfu_video_paused_bandwidth Video tracks paused for bandwidth now (over all subscribers).\n# TYPE chorus_sfu_video_paused_bandwidth gauge\nchorus_sfu_video_paused_bandwidth {paused}"
+        );
         let merged: BTreeMap<String, usize> = match self.rooms.lock() {
             Ok(all) => all
                 .iter()

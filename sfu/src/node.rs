@@ -229,6 +229,19 @@ async fn run_worker(
         out.extend(worker.take_transmits().map(|t| (t.destination, t.contents)));
         send_all(&socket, &io, &mut out, &metrics).await;
         for e in worker.take_events() {
+            match &e {
+                FromNode::ReceiveStats { stats, .. } => {
+                    metrics.downlink_estimate.observe(stats.estimate_bps);
+                    metrics.downlink_allocated.observe(stats.allocated_bps);
+                    metrics.downlink_actual.observe(stats.actual_bps);
+                }
+                FromNode::PublishLayers { .. } => {
+                    metrics
+                        .publish_layer_updates
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
             let _ = events.send(e);
         }
         for t0 in forwarded_at.drain(..) {
@@ -245,6 +258,21 @@ async fn run_worker(
             metrics
                 .rtp_received
                 .fetch_add(st.packets_in - seen.packets_in, Ordering::Relaxed);
+        }
+        if st.layer_switches_up != seen.layer_switches_up {
+            metrics.layer_switches_up.fetch_add(
+                st.layer_switches_up - seen.layer_switches_up,
+                Ordering::Relaxed,
+            );
+        }
+        if st.layer_switches_down != seen.layer_switches_down {
+            metrics.layer_switches_down.fetch_add(
+                st.layer_switches_down - seen.layer_switches_down,
+                Ordering::Relaxed,
+            );
+        }
+        if st.video_paused_bandwidth != seen.video_paused_bandwidth {
+            metrics.set_paused(index, st.video_paused_bandwidth);
         }
         if st.datagrams_dropped != seen.datagrams_dropped {
             metrics.datagrams_dropped.fetch_add(

@@ -2,6 +2,9 @@
 //! which SSRC), and keyframe requests to the publisher, throttled per layer so twenty
 //! subscribers asking at once cost the publisher one keyframe, not twenty.
 //!
+//! It also measures each layer's bitrate and keeps its picture size (from VP8 keyframes)
+//! for the stream allocator and adaptive stream.
+//!
 //! Sans-IO: the worker tells it about packets and requests with the time, and sends the
 //! PLI/FIR it returns.
 
@@ -11,6 +14,14 @@ use crate::forwarder::MAX_LAYERS;
 
 /// At most one keyframe request per publisher layer in this interval.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Bytes a packet costs on the wire beyond its payload (IPv4, UDP, RTP with the usual
+/// extensions, SRTP tag): a 50 packets/s audio stream spends ~20 kbit/s on them, so rates
+/// that feed the allocator count them as the bandwidth estimate does.
+pub const PACKET_OVERHEAD: u64 = 20 + 8 + 12 + 12 + 10;
+
+/// Length of the window a layer's bitrate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 /// A layer that sent nothing for this long is taken as stopped (the publisher's encoder
 /// dropped it, or the track was unpublished); subscribers move to another layer.
@@ -25,14 +36,20 @@ struct Layer {
     /// A request was wanted while the layer's SSRC was unknown (nothing arrived yet):
     /// sent as soon as it is.
     pending: bool,
+    /// Bytes (with [`PACKET_OVERHEAD`]) since `window_start`.
+    window_bytes: u64,
+    window_start: Option<Instant>,
+    /// Smoothed bits per second; kept (not decayed) while the layer is stopped, so a
+    /// paused layer still has a price when the allocator considers asking for it.
+    rate: u64,
+    /// Picture size from the layer's latest VP8 keyframe.
+    dims: Option<(u16, u16)>,
 }
 
 /// State of one published video track.
 #[derive(Debug, Clone, Default)]
 pub struct Receiver {
     layers: [Layer; MAX_LAYERS],
-    /// Keyframe requests sent (for tests and metrics).
-    pub requests_sent: u64,
 }
 
 /// A keyframe request to send to the publisher on this SSRC.
@@ -47,29 +64,69 @@ impl Receiver {
         Self::default()
     }
 
-    /// Records a packet of `layer`; returns true if the layer just became live (started
-    /// or came back), which may change what subscribers should get. A request that
-    /// waited for this layer's SSRC is returned through `request`.
+    /// Records a packet of `layer` with `len` payload bytes. A request that waited for
+    /// this layer's SSRC is returned through `request`.
     pub fn on_packet(
         &mut self,
         layer: u8,
         ssrc: u32,
+        len: usize,
         now: Instant,
         request: &mut Option<KeyframeRequest>,
-    ) -> bool {
+    ) {
         let Some(l) = self.layers.get_mut(layer as usize) else {
-            return false;
+            return;
         };
-        let was_live = l
-            .last_packet
-            .is_some_and(|t| now.duration_since(t) < LAYER_TIMEOUT);
         l.ssrc = Some(ssrc);
+        let resumed = l
+            .last_packet
+            .is_none_or(|t| now.saturating_duration_since(t) >= LAYER_TIMEOUT);
         l.last_packet = Some(now);
+        if resumed {
+            // A gap is not part of the rate: start a fresh window.
+            l.window_start = Some(now);
+            l.window_bytes = 0;
+        }
+        l.window_bytes += len as u64 + PACKET_OVERHEAD;
+        if let Some(start) = l.window_start {
+            let el = now.saturating_duration_since(start);
+            if el >= RATE_WINDOW {
+                let r = l.window_bytes * 8 * 1000 / (el.as_millis() as u64).max(1);
+                l.rate = if l.rate == 0 { r } else { (l.rate + r) / 2 };
+                l.window_start = Some(now);
+                l.window_bytes = 0;
+            }
+        }
         if l.pending {
             l.pending = false;
             *request = self.request(layer, now);
         }
-        !was_live
+    }
+
+    /// The layer's measured bitrate (bits per second), if it has been measured.
+    pub fn rate(&self, layer: u8) -> Option<u64> {
+        self.layers
+            .get(layer as usize)
+            .map(|l| l.rate)
+            .filter(|r| *r > 0)
+    }
+
+    /// Whether anything arrived on the layer since the track (re)started.
+    pub fn seen(&self, layer: u8) -> bool {
+        self.layers
+            .get(layer as usize)
+            .is_some_and(|l| l.last_packet.is_some())
+    }
+
+    /// The layer's picture size, from its latest VP8 keyframe.
+    pub fn dims(&self, layer: u8) -> Option<(u16, u16)> {
+        self.layers.get(layer as usize).and_then(|l| l.dims)
+    }
+
+    pub fn set_dims(&mut self, layer: u8, dims: (u16, u16)) {
+        if let Some(l) = self.layers.get_mut(layer as usize) {
+            l.dims = Some(dims);
+        }
     }
 
     /// Bit mask of layers that arrived within [`LAYER_TIMEOUT`].
@@ -120,7 +177,6 @@ impl Receiver {
             return None;
         };
         l.last_request = Some(now);
-        self.requests_sent += 1;
         Some(KeyframeRequest { layer, ssrc })
     }
 
@@ -148,7 +204,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Receiver::new();
         let mut req = None;
-        r.on_packet(2, 99, t0, &mut req);
+        r.on_packet(2, 99, 1000, t0, &mut req);
         assert_eq!(req, None);
         let mut sent = Vec::new();
         // Twenty subscribers each ask every 50 ms for two seconds.
@@ -173,7 +229,7 @@ mod tests {
             "layer 1 has not arrived: deferred"
         );
         let mut req = None;
-        r.on_packet(1, 77, t0 + Duration::from_millis(10), &mut req);
+        r.on_packet(1, 77, 1000, t0 + Duration::from_millis(10), &mut req);
         assert_eq!(req, Some(KeyframeRequest { layer: 1, ssrc: 77 }));
     }
 
@@ -182,18 +238,45 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Receiver::new();
         let mut req = None;
-        assert!(r.on_packet(0, 1, t0, &mut req));
-        assert!(!r.on_packet(0, 1, t0 + Duration::from_millis(30), &mut req));
-        assert!(r.on_packet(2, 3, t0 + Duration::from_millis(40), &mut req));
+        r.on_packet(0, 1, 1000, t0, &mut req);
+        r.on_packet(0, 1, 1000, t0 + Duration::from_millis(30), &mut req);
+        r.on_packet(2, 3, 1000, t0 + Duration::from_millis(40), &mut req);
         assert_eq!(r.live(t0 + Duration::from_millis(50)), 0b101);
         // Layer 2 stops; layer 0 keeps coming.
         for i in 1..60u64 {
-            r.on_packet(0, 1, t0 + Duration::from_millis(40 + i * 33), &mut req);
+            r.on_packet(
+                0,
+                1,
+                1000,
+                t0 + Duration::from_millis(40 + i * 33),
+                &mut req,
+            );
         }
         assert_eq!(r.live(t0 + Duration::from_millis(40 + 59 * 33)), 0b001);
         assert!(r.ssrc_changed(0, 5));
         assert!(!r.ssrc_changed(0, 1));
         r.reset();
         assert_eq!(r.live(t0 + Duration::from_millis(40 + 59 * 33)), 0);
+    }
+
+    #[test]
+    fn layer_rates_are_measured_with_packet_overhead_and_kept_while_stopped() {
+        let t0 = Instant::now();
+        let mut r = Receiver::new();
+        let mut req = None;
+        // 100 packets/s of 1188 bytes (+62 overhead = 1250 B = 10 kbit): 1 Mbit/s.
+        for i in 0..300u64 {
+            r.on_packet(1, 5, 1188, t0 + Duration::from_millis(i * 10), &mut req);
+        }
+        let rate = r.rate(1).expect("measured");
+        assert!((950_000..=1_050_000).contains(&rate), "{rate}");
+        assert_eq!(r.rate(0), None);
+        // The layer stops for 5 s and comes back: the gap does not drag the rate down.
+        let back = t0 + Duration::from_secs(8);
+        for i in 0..100u64 {
+            r.on_packet(1, 5, 1188, back + Duration::from_millis(i * 10), &mut req);
+        }
+        let rate = r.rate(1).expect("measured");
+        assert!((950_000..=1_050_000).contains(&rate), "after a gap: {rate}");
     }
 }

@@ -29,6 +29,10 @@ pub struct PubTrack {
     /// The publisher's payload parameters, from its first packet.
     pub codec: Option<PayloadParams>,
     pub receiver: Receiver,
+    /// Dynacast: the layers the publisher was last told to send (bit mask), and when
+    /// each layer was last needed by a subscriber.
+    pub sending: u8,
+    pub needed_at: [Option<std::time::Instant>; MAX_LAYERS],
 }
 
 impl PubTrack {
@@ -52,7 +56,26 @@ impl PubTrack {
             rids,
             codec: None,
             receiver: Receiver::new(),
+            sending: 0,
+            needed_at: [None; MAX_LAYERS],
         }
+        .with_all_layers_sending()
+    }
+
+    fn with_all_layers_sending(mut self) -> Self {
+        self.sending = self.declared_layers();
+        self
+    }
+
+    /// Bit mask of the layers the track has: what the publisher announced (layer 0 only
+    /// for a single-layer track).
+    pub fn declared_layers(&self) -> u8 {
+        if !self.simulcast() {
+            return 1;
+        }
+        self.rids
+            .iter()
+            .fold(0, |m, r| m | 1 << self.layer_of(Some(*r)))
     }
 
     pub fn simulcast(&self) -> bool {

@@ -15,12 +15,12 @@ use chorus_media_core::rewrite::RtpRewriter;
 use chorus_media_core::speaker::{DominantEvent, SpeakerConfig, SpeakerDetector, SpeakerEvent};
 use chorus_protocol::chat::{ChatErrorCode, ChatServerFrame, Sender, SignalFrame};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
-use chorus_protocol::track::{Quality, TrackDecl, TrackKind, TrackSource};
+use chorus_protocol::track::{Quality, QualityReason, TrackDecl, TrackKind, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::Pt;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -32,8 +32,11 @@ use crate::fasthash::FastMap;
 use crate::forwarder::VideoForwarder;
 use crate::track::{PubTrack, MAX_TRACKS};
 
+mod adapt;
 mod negotiation;
 mod video;
+
+use adapt::Downlink;
 
 use video::publish_track;
 
@@ -71,8 +74,17 @@ struct DownTrack {
     video: VideoForwarder,
     /// The subscriber's `max_quality` for this track.
     cap: Quality,
-    /// The quality last reported to the subscriber (`track_quality`).
-    reported: Option<Quality>,
+    /// Adaptive stream: whether the client shows the track, and its tile's size in
+    /// device pixels (`None`: not said).
+    visible: bool,
+    size: Option<(u32, u32)>,
+    /// The highest layer to forward: the least of `cap`, the view and the allocator's
+    /// grant (`None`: nothing), and why it is less than `cap` allows. Set by the
+    /// allocation pass ([`adapt`]), read per packet.
+    limit: Option<u8>,
+    limit_reason: Option<QualityReason>,
+    /// The quality (and reason) last reported to the subscriber (`track_quality`).
+    reported: Option<(Quality, Option<QualityReason>)>,
     /// (publisher payload type, subscriber payload type) last mapped.
     pt_map: Option<(Pt, Option<Pt>)>,
     /// True once the subscriber answered the offer that added this track.
@@ -87,6 +99,11 @@ impl DownTrack {
             rewriter: RtpRewriter::new(48_000),
             video: VideoForwarder::new(),
             cap,
+            visible: true,
+            size: None,
+            // Nothing until the allocator has run for it (on the next tick).
+            limit: None,
+            limit_reason: None,
             reported: None,
             pt_map: None,
             ready: false,
@@ -150,6 +167,8 @@ struct Participant {
     disconnected_since: Option<Instant>,
     /// The microphone's `track` event was sent.
     mic_reported: bool,
+    /// Bandwidth estimate and stream allocation (video-capable sessions only).
+    downlink: Option<Box<Downlink>>,
 }
 
 /// The media worker core.
@@ -174,7 +193,7 @@ pub struct Worker {
     /// metrics lock and allocated room names on the media thread).
     membership_epoch: u64,
     /// Reused list of (subscriber, quality) changes found while forwarding video.
-    quality_scratch: Vec<(u64, Quality)>,
+    quality_scratch: Vec<video::QualityChange>,
     local_addr: SocketAddr,
     candidate_addrs: Vec<SocketAddr>,
     participants: FastMap<u64, Participant>,
@@ -201,6 +220,9 @@ pub struct Worker {
     /// subscriber per batch of datagrams (in [`Worker::flush`]) rather than once per
     /// forwarded packet.
     dirty: Vec<u64>,
+    /// Reused list of subscribers due for allocation.
+    adapt_ids: Vec<u64>,
+    next_dynacast: Option<Instant>,
 }
 
 /// Tunables of a worker.
@@ -226,6 +248,11 @@ pub struct WorkerStats {
     pub packets_in: u64,
     pub packets_forwarded: u64,
     pub datagrams_dropped: u64,
+    /// Layer changes the stream allocators made, up and down.
+    pub layer_switches_up: u64,
+    pub layer_switches_down: u64,
+    /// Video tracks paused for bandwidth now (summed over subscribers).
+    pub video_paused_bandwidth: u64,
 }
 
 impl Worker {
@@ -270,6 +297,8 @@ impl Worker {
             timers: BinaryHeap::new(),
             due: Vec::new(),
             dirty: Vec::new(),
+            adapt_ids: Vec::new(),
+            next_dynacast: None,
         }
     }
 
@@ -425,6 +454,7 @@ impl Worker {
                 drain_detector(d, room, &mut self.events);
             }
             self.update_selection();
+            self.adapt(now);
             let gone: Vec<u64> = self
                 .participants
                 .values()
@@ -476,7 +506,13 @@ impl Worker {
                 participant,
                 track,
                 max_quality,
-            } => self.set_subscription(now, participant, &track, max_quality),
+                visible,
+                width,
+                height,
+            } => {
+                let size = width.zip(height);
+                self.set_subscription(participant, &track, max_quality, visible, size)
+            }
             ToNode::ClientAnswer { participant, sdp } => self.client_answer(now, participant, &sdp),
             ToNode::ClientCandidate {
                 participant,
@@ -600,6 +636,8 @@ impl Worker {
             // to reach a 720p layer. Only video-capable (protocol 2) sessions pay for
             // the feedback; audio-only clients keep the cheaper session.
             builder = builder.set_extension(3, Extension::TransportSequenceNumber);
+            // The same feedback drives our estimate of this subscriber's downlink.
+            builder = builder.enable_bwe(Some(str0m::bwe::Bitrate::bps(adapt::INITIAL_ESTIMATE)));
         }
         let mut rtc = builder.build(now);
         for addr in &self.candidate_addrs {
@@ -653,6 +691,7 @@ impl Worker {
                 dirty: false,
                 disconnected_since: None,
                 mic_reported: false,
+                downlink: video.then(|| Box::new(Downlink::new(now))),
             },
         );
     }
@@ -663,6 +702,12 @@ impl Worker {
         };
         info!(participant = id, "participant removed");
         self.membership_epoch += 1;
+        if let Some(dl) = &p.downlink {
+            self.stats.video_paused_bandwidth = self
+                .stats
+                .video_paused_bandwidth
+                .saturating_sub(dl.paused());
+        }
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, v| *v != id);
         if let Some(d) = self.detectors.get_mut(p.room.as_str()) {
@@ -738,11 +783,13 @@ impl Worker {
     fn drive(&mut self, id: u64, now: Instant) {
         let mut newly_published = false;
         let mut tracks_changed = false;
-        // Keyframe requests from this participant as a subscriber: (mid, kind).
-        let mut keyframe_asks: Vec<(Mid, KeyframeRequestKind)> = Vec::new();
+        // Keyframe requests from this participant as a subscriber, by mid.
+        let mut keyframe_asks: Vec<Mid> = Vec::new();
         // (is chat, binary, bytes) frames received on data channels during this poll.
         let mut channel_frames: Vec<(bool, bool, Vec<u8>)> = Vec::new();
         let mut inline_timeouts = 0;
+        // Tracks of this publisher that started again (dynacast starts over for them).
+        let mut restarted: Vec<usize> = Vec::new();
         loop {
             let Some(p) = self.participants.get_mut(&id) else {
                 return;
@@ -806,13 +853,17 @@ impl Worker {
                         let receiving =
                             matches!(m.direction, Direction::RecvOnly | Direction::SendRecv);
                         debug!(participant = id, mid = %m.mid, direction = ?m.direction, "media changed");
-                        if let Some(t) = p.tracks.iter_mut().find(|t| t.mid == m.mid) {
+                        if let Some(pos) = p.tracks.iter().position(|t| t.mid == m.mid) {
+                            let t = &mut p.tracks[pos];
                             if t.active != receiving {
                                 t.active = receiving;
                                 // A track that comes back is a new stream: wait for it.
                                 t.receiver.reset();
                                 tracks_changed = true;
                                 newly_published |= receiving;
+                                if receiving {
+                                    restarted.push(pos);
+                                }
                             }
                         } else if receiving && p.publish {
                             // A transceiver that was not sending before (recvonly at
@@ -828,7 +879,12 @@ impl Worker {
                             }
                         }
                     }
-                    Event::KeyframeRequest(r) => keyframe_asks.push((r.mid, r.kind)),
+                    Event::KeyframeRequest(r) => keyframe_asks.push(r.mid),
+                    Event::EgressBitrateEstimate(k) => {
+                        if let Some(dl) = p.downlink.as_mut() {
+                            dl.on_estimate(&k);
+                        }
+                    }
                     Event::IceConnectionStateChange(state) => {
                         debug!(participant = id, ?state, "ICE state");
                         match state {
@@ -883,11 +939,14 @@ impl Worker {
                 self.signal_in(id, binary, &data, now);
             }
         }
-        for (mid, kind) in keyframe_asks {
-            self.subscriber_keyframe_request(id, mid, kind, now);
+        for mid in keyframe_asks {
+            self.subscriber_keyframe_request(id, mid, now);
+        }
+        for pos in restarted {
+            self.dynacast_restart(id, pos);
         }
         if tracks_changed {
-            self.tracks_changed(id, now);
+            self.tracks_changed(id);
         }
         if newly_published {
             // str0m reports the publisher's track on a later poll than the one that
@@ -899,7 +958,7 @@ impl Worker {
     /// A publisher's tracks changed (published, unpublished, codec learned, muted):
     /// tell signaling, stop forwarding what stopped, and the microphone's `track` event
     /// for protocol 1 bookkeeping.
-    fn tracks_changed(&mut self, id: u64, now: Instant) {
+    fn tracks_changed(&mut self, id: u64) {
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
@@ -921,7 +980,7 @@ impl Worker {
             .map(|t| t.index)
             .collect();
         if !inactive.is_empty() {
-            self.stop_video_forwarding(id, &inactive, now);
+            self.stop_video_forwarding(id, &inactive);
         }
         self.report_tracks(id);
     }
@@ -1082,7 +1141,7 @@ impl Worker {
             let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, payload.clone())
                 .marker(pkt.header.marker)
                 .ext_vals(ext);
-            self.write_down(sid, (from, index), write);
+            self.write_down(sid, (from, index), write, payload.len());
         }
         self.scratch = targets;
     }

@@ -201,6 +201,8 @@ struct Sim {
     clients: Vec<Client>,
     tracks: Vec<(u64, Vec<TrackInfo>)>,
     qualities: Vec<(u64, String, Quality)>,
+    /// Dynacast messages: (publisher, track, layers), with the sim time.
+    publish_layers: Vec<(Duration, u64, String, Vec<Quality>)>,
 }
 
 impl Sim {
@@ -215,6 +217,7 @@ impl Sim {
             clients: Vec::new(),
             tracks: Vec::new(),
             qualities: Vec::new(),
+            publish_layers: Vec::new(),
         }
     }
 
@@ -373,7 +376,18 @@ impl Sim {
                         participant,
                         track,
                         quality,
+                        ..
                     } => self.qualities.push((participant, track, quality)),
+                    FromNode::PublishLayers {
+                        participant,
+                        track,
+                        layers,
+                    } => self.publish_layers.push((
+                        self.now - self.start,
+                        participant,
+                        track,
+                        layers,
+                    )),
                     FromNode::Error { message, .. } => panic!("unexpected error event: {message}"),
                     _ => {}
                 }
@@ -469,7 +483,10 @@ fn simulcast_camera_reaches_subscribers_on_the_top_layer_and_switches_with_the_c
     let mut sim = Sim::new();
     sim.join(1, true, true);
     sim.join(2, false, true);
-    sim.run(1500);
+    // The allocator starts from a 1 Mbit/s estimate and the nominal layer rates
+    // (medium fits, high does not); once the layers are measured (this sim's are tiny)
+    // the top layer fits, and is taken after the allocator's 3 s up hold.
+    sim.run(5000);
     assert!(sim.client(1).connected && sim.client(2).connected);
     let cam = sim.camera_sid(1);
     let info = sim
@@ -503,7 +520,10 @@ fn simulcast_camera_reaches_subscribers_on_the_top_layer_and_switches_with_the_c
         ToNode::SetSubscription {
             participant: 2,
             track: cam.clone(),
-            max_quality: Quality::Low,
+            max_quality: Some(Quality::Low),
+            visible: None,
+            width: None,
+            height: None,
         },
     );
     sim.run(600);
@@ -521,7 +541,10 @@ fn simulcast_camera_reaches_subscribers_on_the_top_layer_and_switches_with_the_c
         ToNode::SetSubscription {
             participant: 2,
             track: cam.clone(),
-            max_quality: Quality::High,
+            max_quality: Some(Quality::High),
+            visible: None,
+            width: None,
+            height: None,
         },
     );
     sim.run(600);
@@ -536,7 +559,10 @@ fn simulcast_camera_reaches_subscribers_on_the_top_layer_and_switches_with_the_c
         ToNode::SetSubscription {
             participant: 2,
             track: cam.clone(),
-            max_quality: Quality::Off,
+            max_quality: Some(Quality::Off),
+            visible: None,
+            width: None,
+            height: None,
         },
     );
     sim.run(50);
@@ -570,7 +596,10 @@ fn keyframe_requests_are_throttled_per_layer_however_many_subscribers_ask() {
                 ToNode::SetSubscription {
                     participant: id,
                     track: cam.clone(),
-                    max_quality: q,
+                    max_quality: Some(q),
+                    visible: None,
+                    width: None,
+                    height: None,
                 },
             );
         }
@@ -738,7 +767,10 @@ fn nacks_are_answered_from_the_send_buffer_but_not_past_its_age() {
     let mut sim = Sim::new();
     sim.join(1, true, true);
     sim.join(2, false, true);
-    sim.run(1500);
+    // The allocator starts from a 1 Mbit/s estimate and the nominal layer rates
+    // (medium fits, high does not); once the layers are measured (this sim's are tiny)
+    // the top layer fits, and is taken after the allocator's 3 s up hold.
+    sim.run(5000);
     let main_ssrc = sim.client(2).video.last().unwrap().ssrc;
     // 1.3 s in which nothing from the SFU reaches subscriber 2. When packets flow again
     // it NACKs the whole gap: what was sent in the last second is still in the SFU's
@@ -777,4 +809,118 @@ fn nacks_are_answered_from_the_send_buffer_but_not_past_its_age() {
         "recent losses were resent: {late_back} of {}",
         late.len()
     );
+}
+
+impl Sim {
+    fn subscribe(
+        &mut self,
+        id: u64,
+        track: &str,
+        q: Option<Quality>,
+        visible: Option<bool>,
+        size: Option<(u32, u32)>,
+    ) {
+        let now = self.now;
+        self.worker.handle_command(
+            now,
+            ToNode::SetSubscription {
+                participant: id,
+                track: track.into(),
+                max_quality: q,
+                visible,
+                width: size.map(|s| s.0),
+                height: size.map(|s| s.1),
+            },
+        );
+    }
+}
+
+#[test]
+fn dynacast_stops_layers_nobody_takes_and_asks_for_them_again() {
+    let mut sim = Sim::new();
+    sim.join(1, true, true);
+    sim.join(2, false, true);
+    sim.run(5000);
+    let cam = sim.camera_sid(1);
+    // Medium carried the first seconds (the allocator's start) and then nobody took it:
+    // switched off 5 s later; high and low stay.
+    assert!(
+        sim.publish_layers
+            .iter()
+            .all(|(_, _, _, l)| l.contains(&Quality::High) && l.contains(&Quality::Low)),
+        "{:?}",
+        sim.publish_layers
+    );
+    // The only subscriber caps the camera at low: high is switched off at the publisher
+    // once nobody took it for the hold (5 s), not before.
+    sim.subscribe(2, &cam, Some(Quality::Low), None, None);
+    let capped = sim.now - sim.start;
+    sim.run(4000);
+    assert!(
+        sim.publish_layers
+            .iter()
+            .all(|(_, _, _, l)| l.contains(&Quality::High)),
+        "too early: {:?}",
+        sim.publish_layers
+    );
+    sim.run(2000);
+    let (at, p, t, layers) = sim
+        .publish_layers
+        .last()
+        .cloned()
+        .expect("a dynacast message");
+    assert_eq!(
+        (p, t.as_str(), layers.as_slice()),
+        (1, cam.as_str(), &[Quality::Low][..])
+    );
+    assert!(
+        at - capped >= Duration::from_secs(5) && at - capped <= Duration::from_secs(6),
+        "after {:?}",
+        at - capped
+    );
+    // Lifting the cap asks for the top layer again at once.
+    sim.subscribe(2, &cam, Some(Quality::High), None, None);
+    let lifted = sim.now - sim.start;
+    sim.run(700);
+    let (at, _, _, layers) = sim.publish_layers.last().cloned().unwrap();
+    assert!(layers.contains(&Quality::High), "{layers:?}");
+    assert!(
+        at - lifted <= Duration::from_millis(600),
+        "took {:?}",
+        at - lifted
+    );
+    // The publisher never stopped sending here (the sim ignores the message), so the
+    // subscriber is back on the top layer.
+    sim.run(1000);
+    assert_eq!(sim.client(2).video.last().unwrap().layer, 2);
+}
+
+#[test]
+fn a_hidden_tile_gets_nothing_and_a_small_one_gets_a_low_layer() {
+    let mut sim = Sim::new();
+    sim.join(1, true, true);
+    sim.join(2, false, true);
+    sim.run(5000);
+    let cam = sim.camera_sid(1);
+    assert_eq!(sim.client(2).video.last().unwrap().layer, 2);
+    sim.subscribe(2, &cam, None, Some(false), None);
+    sim.run(100);
+    let n = sim.client(2).video.len();
+    sim.run(1000);
+    assert_eq!(sim.client(2).video.len(), n, "hidden: nothing is forwarded");
+    // Shown again in a 320x180 tile: the low layer covers it.
+    sim.subscribe(2, &cam, None, Some(true), Some((320, 180)));
+    sim.run(1500);
+    let got = sim.client(2).video.clone();
+    assert!(got.len() > n, "shown: video flows again");
+    assert_eq!(
+        got.last().unwrap().layer,
+        0,
+        "a small tile gets the low layer"
+    );
+    assert_continuous(&got);
+    // A big tile: the top layer (applied at once, no up hold: the user asked).
+    sim.subscribe(2, &cam, None, None, Some((1280, 720)));
+    sim.run(1000);
+    assert_eq!(sim.client(2).video.last().unwrap().layer, 2);
 }

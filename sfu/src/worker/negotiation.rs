@@ -9,6 +9,13 @@ use super::*;
 const RTX_PACKETS: usize = 1000;
 const RTX_AGE: Duration = Duration::from_secs(1);
 
+/// Queued resends are dropped when they would be more than this share of what a down
+/// track sends. With the pacer that bandwidth estimation brings, the NACKs after an
+/// outage queue up behind it, and str0m's default (0.15) then threw away every resend
+/// of a 1.3 s gap (the sim test `nacks_are_answered_…` caught it); the pacer already
+/// bounds the total to the subscriber's estimate.
+const RTX_RATIO_CAP: f32 = 0.5;
+
 impl Worker {
     pub(super) fn client_offer(&mut self, now: Instant, id: u64, sdp: &str, decls: Vec<TrackDecl>) {
         let Some(p) = self.participants.get_mut(&id) else {
@@ -93,10 +100,13 @@ impl Worker {
                         // decoder (it has asked for a keyframe by then), and the bound
                         // keeps each video down track's send buffer small.
                         if let Some(tx) = p.rtc.direct_api().stream_tx_by_mid(dt.mid, None) {
-                            tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, Some(0.15));
+                            tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, Some(RTX_RATIO_CAP));
                         }
                     }
                     dt.ready = true;
+                }
+                if let Some(dl) = p.downlink.as_mut() {
+                    dl.dirty = true;
                 }
             }
             Ok(Err(e)) => {

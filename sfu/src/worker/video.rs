@@ -6,8 +6,11 @@ use str0m::format::{detect_av1_keyframe, detect_h264_keyframe, detect_vp9_keyfra
 use str0m::media::KeyframeRequestKind;
 use str0m::rtp::Vp8Descriptor;
 
+use super::adapt::vp8_keyframe_dims;
 use super::*;
-use crate::forwarder::{layer_quality, select_layer, startup_layer, VideoIn, Vp8Fields};
+use crate::forwarder::{
+    cap_layer, layer_quality, select_layer_at, startup_layer, VideoIn, Vp8Fields,
+};
 use crate::receiver::KeyframeRequest;
 use crate::track::matching_pt;
 
@@ -132,20 +135,27 @@ impl Worker {
             };
             let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, pkt.payload.clone())
                 .marker(pkt.header.marker);
-            self.write_down(sid, (from, index), write);
+            self.write_down(sid, (from, index), write, pkt.payload.len());
         }
         self.scratch = targets;
     }
 
-    /// Writes one packet on a subscriber's down track and marks the subscriber for
-    /// polling.
-    pub(super) fn write_down(&mut self, sid: u64, key: TrackKey, write: RtpWrite) {
+    /// Writes one packet (`len` payload bytes) on a subscriber's down track and marks
+    /// the subscriber for polling.
+    pub(super) fn write_down(&mut self, sid: u64, key: TrackKey, write: RtpWrite, len: usize) {
         let Some(s) = self.participants.get_mut(&sid) else {
             return;
         };
-        let Some(mid) = s.downtracks.get(&key).map(|d| d.mid) else {
+        let Some((mid, kind)) = s.downtracks.get(&key).map(|d| (d.mid, d.kind)) else {
             return;
         };
+        if let Some(dl) = s.downlink.as_mut() {
+            let bytes = len as u64 + crate::receiver::PACKET_OVERHEAD;
+            match kind {
+                TrackKind::Audio => dl.audio_bytes += bytes,
+                TrackKind::Video => dl.video_bytes += bytes,
+            }
+        }
         let wrote = catch_unwind(AssertUnwindSafe(|| {
             let mut api = s.rtc.direct_api();
             match api.stream_tx_by_mid(mid, None) {
@@ -231,7 +241,13 @@ impl Worker {
         };
         let restarted = t.receiver.ssrc_changed(layer, ssrc);
         let mut deferred = None;
-        t.receiver.on_packet(layer, ssrc, now, &mut deferred);
+        t.receiver
+            .on_packet(layer, ssrc, payload.len(), now, &mut deferred);
+        if keyframe && params.spec().codec == Codec::Vp8 {
+            if let Some(d) = vp8_keyframe_dims(payload) {
+                t.receiver.set_dims(layer, d);
+            }
+        }
         let live = t.receiver.live(now);
         let requestable = t.receiver.requestable(now);
         let simulcast = t.simulcast();
@@ -291,7 +307,7 @@ impl Worker {
             let Some(sub_pt) = sub_pt else {
                 continue;
             };
-            let wanted = select_layer(live, dt.cap);
+            let wanted = select_layer_at(live, dt.limit);
             let target = match (dt.video.current_layer(), dt.video.target()) {
                 // Showing something: follow the cap (switching at the next keyframe).
                 (Some(_), _) => wanted,
@@ -316,9 +332,14 @@ impl Worker {
                 .video
                 .current_layer()
                 .map_or(Quality::Off, |l| layer_quality(l, simulcast));
-            if dt.reported != Some(q) {
-                dt.reported = Some(q);
-                qualities.push((sid, q));
+            // Less than the allocation because the publisher does not send the layer.
+            let publisher_short = target.is_some() && target < dt.limit;
+            let reason = dt
+                .limit_reason
+                .or(publisher_short.then_some(QualityReason::Publisher));
+            if dt.reported != Some((q, reason)) {
+                dt.reported = Some((q, reason));
+                qualities.push((sid, q, reason));
             }
             let Some(out) = out else {
                 continue;
@@ -348,7 +369,7 @@ impl Worker {
                     Err(e) => debug!("VP8 descriptor left as is: {e}"),
                 }
             }
-            self.write_down(sid, (from, index), write);
+            self.write_down(sid, (from, index), write, payload.len());
         }
         self.scratch = targets;
         for l in 0..3u8 {
@@ -368,8 +389,8 @@ impl Worker {
         self.quality_scratch = qualities;
     }
 
-    /// Turns (subscriber, quality) changes for `from`'s track at `pos` into events.
-    fn report_qualities(&mut self, from: u64, pos: usize, q: &mut Vec<(u64, Quality)>) {
+    /// Turns (subscriber, quality, reason) changes for `from`'s track at `pos` into events.
+    fn report_qualities(&mut self, from: u64, pos: usize, q: &mut Vec<QualityChange>) {
         if q.is_empty() {
             return;
         }
@@ -381,11 +402,12 @@ impl Worker {
         else {
             return;
         };
-        for (participant, quality) in q.drain(..) {
+        for (participant, quality, reason) in q.drain(..) {
             self.events.push(FromNode::TrackQuality {
                 participant,
                 track: sid.clone(),
                 quality,
+                reason,
             });
         }
     }
@@ -430,13 +452,7 @@ impl Worker {
 
     /// A subscriber's PLI/FIR on one of its down tracks: passed (throttled) to the
     /// publisher of the layer it receives.
-    pub(super) fn subscriber_keyframe_request(
-        &mut self,
-        id: u64,
-        mid: Mid,
-        _kind: KeyframeRequestKind,
-        now: Instant,
-    ) {
+    pub(super) fn subscriber_keyframe_request(&mut self, id: u64, mid: Mid, now: Instant) {
         let Some(s) = self.participants.get(&id) else {
             return;
         };
@@ -463,7 +479,7 @@ impl Worker {
 
     /// A publisher stopped these video tracks: every subscriber's forwarder waits for the
     /// stream to come back (continuing its numbering then) and shows `off`.
-    pub(super) fn stop_video_forwarding(&mut self, from: u64, indices: &[u8], _now: Instant) {
+    pub(super) fn stop_video_forwarding(&mut self, from: u64, indices: &[u8]) {
         let Some(p) = self.participants.get(&from) else {
             return;
         };
@@ -484,9 +500,9 @@ impl Worker {
                     .and_then(|s| s.downtracks.get_mut(&(from, index)))
                 {
                     dt.video.restart();
-                    if dt.reported.is_some_and(|r| r != Quality::Off) {
-                        dt.reported = Some(Quality::Off);
-                        q.push((m, Quality::Off));
+                    if dt.reported.is_some_and(|r| r != (Quality::Off, None)) {
+                        dt.reported = Some((Quality::Off, None));
+                        q.push((m, Quality::Off, None));
                     }
                 }
             }
@@ -494,20 +510,27 @@ impl Worker {
         }
     }
 
-    /// `max_quality` from a subscriber for one track.
-    pub(super) fn set_subscription(&mut self, now: Instant, id: u64, track: &str, cap: Quality) {
+    /// A subscriber's `update_subscription` for one track: `max_quality` and the
+    /// adaptive-stream view; what is left out stays as it was.
+    pub(super) fn set_subscription(
+        &mut self,
+        id: u64,
+        track: &str,
+        cap: Option<Quality>,
+        visible: Option<bool>,
+        size: Option<(u32, u32)>,
+    ) {
         let Some(room) = self.participants.get(&id).map(|p| p.room.clone()) else {
             return self.unknown(id);
         };
         let found = self.rooms.get(&room).and_then(|ms| {
             ms.iter().filter(|m| **m != id).find_map(|m| {
                 let p = self.participants.get(m)?;
-                let pos = p.tracks.iter().position(|t| t.sid == track)?;
-                let t = &p.tracks[pos];
-                Some((*m, pos, t.index, t.receiver.live(now), t.simulcast()))
+                let t = p.tracks.iter().find(|t| t.sid == track)?;
+                Some((*m, t.index))
             })
         });
-        let Some((pubid, pos, index, live, simulcast)) = found else {
+        let Some((pubid, index)) = found else {
             return self.events.push(FromNode::Error {
                 participant: id,
                 code: NodeErrorCode::UnknownTrack,
@@ -518,42 +541,46 @@ impl Worker {
         let Some(s) = self.participants.get_mut(&id) else {
             return;
         };
-        match s.caps.iter_mut().find(|(k, _)| *k == key) {
-            Some(c) => c.1 = cap,
-            None => s.caps.push((key, cap)),
+        if let Some(cap) = cap {
+            match s.caps.iter_mut().find(|(k, _)| *k == key) {
+                Some(c) => c.1 = cap,
+                None => s.caps.push((key, cap)),
+            }
         }
         let Some(dt) = s.downtracks.get_mut(&key) else {
             return;
         };
-        dt.cap = cap;
+        if let Some(cap) = cap {
+            dt.cap = cap;
+        }
+        if let Some(v) = visible {
+            dt.visible = v;
+        }
+        if size.is_some() {
+            dt.size = size.filter(|(w, h)| *w > 0 && *h > 0);
+        }
         if dt.kind != TrackKind::Video {
             return;
         }
-        dt.video.set_target(select_layer(live, cap));
-        let want = dt.video.wants_keyframe();
-        let q = dt
-            .video
-            .current_layer()
-            .map_or(Quality::Off, |l| layer_quality(l, simulcast));
-        let mut qs = Vec::new();
-        if dt.reported != Some(q) {
-            dt.reported = Some(q);
-            qs.push((id, q));
+        // Lowering takes effect on the next packet; the allocator (next tick) decides
+        // what to raise to.
+        let client = cap_layer(dt.cap);
+        if !dt.visible || client < dt.limit {
+            dt.limit = if dt.visible { client } else { None };
         }
-        debug!(participant = id, track, ?cap, "max quality set");
-        self.report_qualities(pubid, pos, &mut qs);
-        if let Some(l) = want {
-            let req = self
-                .participants
-                .get_mut(&pubid)
-                .and_then(|p| p.tracks.get_mut(pos))
-                .map(|t| {
-                    let fb = t.codec.map_or((true, false), |c| (c.fb_pli(), c.fb_fir()));
-                    (t.receiver.request(l, now), fb)
-                });
-            if let Some((Some(req), fb)) = req {
-                self.send_keyframe_request(pubid, req, fb);
-            }
+        debug!(
+            participant = id,
+            track,
+            ?cap,
+            ?visible,
+            ?size,
+            "subscription set"
+        );
+        if let Some(dl) = s.downlink.as_mut() {
+            dl.dirty = true;
         }
     }
 }
+
+/// A change of what one subscriber receives of a track: (subscriber, quality, reason).
+pub(super) type QualityChange = (u64, Quality, Option<QualityReason>);

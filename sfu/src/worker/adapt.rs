@@ -1,0 +1,590 @@
+//! Video that follows the network, per subscriber: the bandwidth estimate (str0m's
+//! estimator on transport-wide congestion feedback, REMB as a fallback), the stream
+//! allocator's decisions applied to the subscriber's down tracks, adaptive stream (the
+//! size and visibility of the client's tiles), probing towards what the subscriber
+//! wants, and dynacast (telling each publisher which of its layers anybody takes).
+//!
+//! All of it runs on the room tick, a few times a second per subscriber; the packet path
+//! only reads the per-track limit this leaves in each down track.
+
+use chorus_protocol::track::{QualityReason, ReceiveStats, TrackReceive};
+use str0m::bwe::{Bitrate, BweKind};
+
+use super::*;
+use crate::allocator::{Allocator, Demand, Priority};
+use crate::forwarder::{cap_layer, layer_quality, MAX_LAYERS};
+
+/// Where a subscriber's estimate starts, so the first seconds are not stuck on the
+/// lowest layers while the estimator finds its feet.
+pub(super) const INITIAL_ESTIMATE: u64 = 1_000_000;
+
+/// How often each subscriber's allocation is revisited (also at once when the user
+/// changes a subscription or tracks come and go).
+const ALLOCATE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often a video subscriber's `receive_stats` go to signaling.
+const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// A publisher's layer nobody has taken for this long is switched off at the publisher.
+pub(super) const DYNACAST_HOLD: Duration = Duration::from_secs(5);
+
+const DYNACAST_EVERY: Duration = Duration::from_millis(500);
+
+/// The desired bitrate given to the estimator is changed only when what the subscriber
+/// wants moved by more than this share (percent), so probing is not restarted for noise.
+const DESIRED_CHANGE_PCT: u64 = 10;
+
+/// Bitrates assumed for layers not measured yet (what the web SDK asks the encoder for).
+fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
+    match (source, simulcast, layer) {
+        (TrackSource::Screen, false, _) => 2_500_000,
+        (_, false, _) => 1_500_000,
+        (_, true, 0) => 150_000,
+        (_, true, 1) => 500_000,
+        _ => 1_500_000,
+    }
+}
+
+/// The picture size of a layer: measured from a VP8 keyframe, else scaled from a layer
+/// that was measured (simulcast layers halve each step down), else 720p at the top.
+fn layer_dims(t: &PubTrack, layer: u8) -> (u32, u32) {
+    if let Some((w, h)) = t.receiver.dims(layer) {
+        return (w as u32, h as u32);
+    }
+    let top = if t.simulcast() { 2 } else { 0 };
+    let (known, (w, h)) = (0..MAX_LAYERS as u8)
+        .find_map(|l| t.receiver.dims(l).map(|d| (l, (d.0 as u32, d.1 as u32))))
+        .unwrap_or((top, (1280, 720)));
+    if layer >= known {
+        (w << (layer - known), h << (layer - known))
+    } else {
+        (w >> (known - layer), h >> (known - layer))
+    }
+}
+
+/// Adaptive stream: the lowest layer whose picture covers a tile of `size` device
+/// pixels (within 15%, as a layer a little smaller than the tile looks the same), or the
+/// top layer when none does.
+fn view_layer(t: &PubTrack, size: Option<(u32, u32)>) -> Option<u8> {
+    let declared = t.declared_layers();
+    let top = (0..MAX_LAYERS as u8)
+        .rev()
+        .find(|l| declared & (1 << l) != 0);
+    let Some((w, h)) = size else {
+        return top;
+    };
+    (0..MAX_LAYERS as u8)
+        .filter(|l| declared & (1 << l) != 0)
+        .find(|l| {
+            let (lw, lh) = layer_dims(t, *l);
+            lw * 100 >= w * 85 && lh * 100 >= h * 85
+        })
+        .or(top)
+}
+
+/// The highest layer in `mask` at or under `limit`.
+fn clip(mask: u8, limit: Option<u8>) -> Option<u8> {
+    let limit = limit?;
+    (0..=limit.min(MAX_LAYERS as u8 - 1))
+        .rev()
+        .find(|l| mask & (1 << l) != 0)
+}
+
+/// Per demand: its track, the layers the track has (mask), the client's own cap, the
+/// adaptive-stream limit and whether the tile is visible.
+type DemandInfo = (TrackKey, u8, Option<u8>, Option<u8>, bool);
+
+/// One subscriber's downlink: estimate, allocator, what it receives.
+pub(super) struct Downlink {
+    /// Bits per second, from str0m's estimator (or REMB).
+    pub estimate: u64,
+    /// An estimate from transport-wide feedback arrived: REMB is ignored from then on.
+    twcc: bool,
+    probing: bool,
+    alloc: Allocator<TrackKey>,
+    /// Reused buffers: the demands of the last run, and per demand the layers the track
+    /// has and the client's own cap and view limit.
+    demands: Vec<Demand<TrackKey>>,
+    info: Vec<DemandInfo>,
+    /// The desired bitrate last given to the estimator.
+    desired: u64,
+    next_run: Instant,
+    /// Subscriptions or tracks changed: allocate at the next tick.
+    pub dirty: bool,
+    /// Bytes (payload and overhead) forwarded since `window_start`, by kind.
+    pub audio_bytes: u64,
+    pub video_bytes: u64,
+    window_start: Instant,
+    audio_bps: u64,
+    actual_bps: u64,
+    next_stats: Instant,
+    /// Tracks paused for bandwidth now; switches counted so far.
+    paused: u64,
+    switches: (u64, u64),
+}
+
+impl Downlink {
+    pub fn new(now: Instant) -> Self {
+        Downlink {
+            estimate: INITIAL_ESTIMATE,
+            twcc: false,
+            probing: false,
+            alloc: Allocator::default(),
+            demands: Vec::new(),
+            info: Vec::new(),
+            desired: 0,
+            next_run: now,
+            dirty: true,
+            audio_bytes: 0,
+            video_bytes: 0,
+            window_start: now,
+            audio_bps: 0,
+            actual_bps: 0,
+            next_stats: now + STATS_EVERY,
+            paused: 0,
+            switches: (0, 0),
+        }
+    }
+
+    /// A new estimate from str0m.
+    pub fn on_estimate(&mut self, kind: &BweKind) {
+        match kind {
+            BweKind::Twcc { estimate, .. } => {
+                self.twcc = true;
+                self.estimate = estimate.as_u64();
+            }
+            BweKind::Remb { estimate, .. } if !self.twcc => self.estimate = estimate.as_u64(),
+            _ => {}
+        }
+    }
+
+    pub fn paused(&self) -> u64 {
+        self.paused
+    }
+}
+
+impl Worker {
+    /// The allocation and dynacast passes of the room tick.
+    pub(super) fn adapt(&mut self, now: Instant) {
+        let mut ids = std::mem::take(&mut self.adapt_ids);
+        ids.clear();
+        ids.extend(
+            self.participants
+                .values()
+                .filter(|p| {
+                    p.downlink
+                        .as_ref()
+                        .is_some_and(|d| d.dirty || now >= d.next_run)
+                })
+                .map(|p| p.id),
+        );
+        for &id in &ids {
+            self.allocate(id, now);
+        }
+        self.adapt_ids = ids;
+        if self.next_dynacast.is_none_or(|t| now >= t) {
+            self.next_dynacast = Some(now + DYNACAST_EVERY);
+            self.dynacast(now);
+        }
+    }
+
+    /// Runs one subscriber's allocator and leaves each down track's layer limit.
+    fn allocate(&mut self, id: u64, now: Instant) {
+        let Some(s) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let Some(dl) = s.downlink.as_mut() else {
+            return;
+        };
+        dl.dirty = false;
+        dl.next_run = now + ALLOCATE_EVERY;
+        let mut demands = std::mem::take(&mut dl.demands);
+        let mut info = std::mem::take(&mut dl.info);
+        demands.clear();
+        info.clear();
+        let Some(s) = self.participants.get(&id) else {
+            return;
+        };
+        let dominant = self
+            .detectors
+            .get(s.room.as_str())
+            .and_then(|d| d.dominant());
+        for (key, dt) in &s.downtracks {
+            if dt.kind != TrackKind::Video || !dt.ready {
+                continue;
+            }
+            let Some(t) = self
+                .participants
+                .get(&key.0)
+                .and_then(|p| p.tracks.iter().find(|t| t.index == key.1))
+            else {
+                continue;
+            };
+            if !t.active {
+                continue;
+            }
+            let declared = t.declared_layers();
+            let live = t.receiver.live(now);
+            let simulcast = t.simulcast();
+            let mut bitrates = [None; MAX_LAYERS];
+            for (l, b) in bitrates.iter_mut().enumerate() {
+                let bit = 1u8 << l;
+                if declared & bit == 0 {
+                    continue;
+                }
+                // A layer is on offer if it arrives, has not started yet, or is off only
+                // because dynacast stopped it (asking for it starts it again). One the
+                // publisher stopped by itself (its uplink shed it) is not.
+                let stopped_by_us = t.sending & bit == 0;
+                if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us {
+                    *b = Some(
+                        t.receiver
+                            .rate(l as u8)
+                            .unwrap_or_else(|| nominal_rate(l as u8, t.source, simulcast)),
+                    );
+                }
+            }
+            let client = clip(declared, cap_layer(dt.cap));
+            let view = if dt.visible {
+                view_layer(t, dt.size)
+            } else {
+                None
+            };
+            let priority = if t.source == TrackSource::Screen {
+                Priority::Screen
+            } else if dominant == Some(key.0) {
+                Priority::DominantCamera
+            } else {
+                Priority::Camera
+            };
+            demands.push(Demand {
+                key: *key,
+                priority,
+                max_layer: client.min(view),
+                bitrates,
+            });
+            info.push((*key, declared, client, view, dt.visible));
+        }
+        // Deterministic order among equal priorities (the map's order is not).
+        demands.sort_by_key(|d| d.key);
+        info.sort_by_key(|i| i.0);
+
+        let Some(s) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let Some(dl) = s.downlink.as_mut() else {
+            return;
+        };
+        // The forwarded-bytes window: audio is taken off the estimate before video is
+        // allocated (it is never paused).
+        let el = now.saturating_duration_since(dl.window_start);
+        if el >= Duration::from_secs(1) {
+            let ms = el.as_millis().max(1) as u64;
+            dl.audio_bps = dl.audio_bytes * 8 * 1000 / ms;
+            dl.actual_bps = (dl.audio_bytes + dl.video_bytes) * 8 * 1000 / ms;
+            dl.audio_bytes = 0;
+            dl.video_bytes = 0;
+            dl.window_start = now;
+        }
+        let budget = dl.estimate.saturating_sub(dl.audio_bps);
+        dl.alloc.update(now, budget, &demands);
+        let sw = dl.alloc.switches();
+        let (up, down) = (sw.up - dl.switches.0, sw.down - dl.switches.1);
+        dl.switches = (sw.up, sw.down);
+        self.stats.layer_switches_up += up;
+        self.stats.layer_switches_down += down;
+
+        let mut paused = 0;
+        for (d, (_, declared, client, view, visible)) in demands.iter().zip(&info) {
+            let grant = dl.alloc.layer(d.key);
+            let Some(dt) = s.downtracks.get_mut(&d.key) else {
+                continue;
+            };
+            let wanted = clip(*declared, d.max_layer);
+            dt.limit = if wanted.is_none() { None } else { grant };
+            dt.limit_reason = if client.is_none() {
+                None
+            } else if !visible {
+                Some(QualityReason::View)
+            } else if grant < wanted {
+                if grant.is_none() {
+                    paused += 1;
+                }
+                Some(QualityReason::Bandwidth)
+            } else if view < client {
+                Some(QualityReason::View)
+            } else {
+                None
+            };
+        }
+        self.stats.video_paused_bandwidth =
+            (self.stats.video_paused_bandwidth + paused).saturating_sub(dl.paused);
+        dl.paused = paused;
+
+        // Probing: let the estimator look for room up to what the subscriber would take.
+        let wanted = Allocator::wanted_bps(&demands) + dl.audio_bps;
+        dl.probing = wanted > dl.estimate;
+        let desired_changed = wanted.abs_diff(dl.desired) * 100 > dl.desired * DESIRED_CHANGE_PCT;
+        if desired_changed {
+            dl.desired = wanted;
+        }
+        let stats = (now >= dl.next_stats && !demands.is_empty()).then(|| {
+            dl.next_stats = now + STATS_EVERY;
+            ReceiveStats {
+                estimate_bps: dl.estimate,
+                allocated_bps: dl.alloc.granted_bps(&demands),
+                actual_bps: dl.actual_bps,
+                probing: dl.probing,
+                tracks: Vec::new(),
+            }
+        });
+        dl.demands = demands;
+        dl.info = info;
+        if desired_changed {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                s.rtc.bwe().set_desired_bitrate(Bitrate::bps(wanted));
+            }));
+            if r.is_err() {
+                return self.fail(id, "internal error in bandwidth estimation");
+            }
+        }
+        if let Some(mut stats) = stats {
+            stats.tracks = self.receive_tracks(id);
+            self.events.push(FromNode::ReceiveStats {
+                participant: id,
+                stats,
+            });
+        }
+    }
+
+    /// What a subscriber receives of each video track, for `receive_stats`.
+    fn receive_tracks(&self, id: u64) -> Vec<TrackReceive> {
+        let Some(s) = self.participants.get(&id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<TrackReceive> = s
+            .downtracks
+            .iter()
+            .filter(|(_, dt)| dt.kind == TrackKind::Video && dt.ready)
+            .filter_map(|(key, dt)| {
+                let t = self
+                    .participants
+                    .get(&key.0)?
+                    .tracks
+                    .iter()
+                    .find(|t| t.index == key.1 && t.active)?;
+                let simulcast = t.simulcast();
+                let q = |l: Option<u8>| l.map_or(Quality::Off, |l| layer_quality(l, simulcast));
+                Some(TrackReceive {
+                    track: t.sid.clone(),
+                    quality: q(dt.video.current_layer()),
+                    allocated: q(dt.limit),
+                    reason: dt.reported.and_then(|r| r.1),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.track.cmp(&b.track));
+        out
+    }
+
+    /// Dynacast: for each published video track, the layers some subscriber takes, is
+    /// moving to or is granted; a layer nobody needed for [`DYNACAST_HOLD`] is switched
+    /// off at the publisher, and one needed again is switched on at once.
+    fn dynacast(&mut self, now: Instant) {
+        let mut changes: Vec<(u64, String, Vec<Quality>)> = Vec::new();
+        for members in self.rooms.values() {
+            for &pid in members {
+                let Some(p) = self.participants.get(&pid) else {
+                    continue;
+                };
+                let mut needs = [0u8; MAX_TRACKS];
+                for (i, t) in p.tracks.iter().enumerate() {
+                    if t.kind != TrackKind::Video || !t.active {
+                        continue;
+                    }
+                    for m in members.iter().filter(|m| **m != pid) {
+                        let Some(dt) = self
+                            .participants
+                            .get(m)
+                            .and_then(|s| s.downtracks.get(&(pid, t.index)))
+                        else {
+                            continue;
+                        };
+                        if !dt.ready {
+                            continue;
+                        }
+                        for l in [dt.video.current_layer(), dt.video.target(), dt.limit]
+                            .into_iter()
+                            .flatten()
+                        {
+                            needs[i] |= 1 << l;
+                        }
+                    }
+                }
+                let Some(p) = self.participants.get_mut(&pid) else {
+                    continue;
+                };
+                for (i, t) in p.tracks.iter_mut().enumerate() {
+                    if t.kind != TrackKind::Video || !t.active {
+                        continue;
+                    }
+                    let declared = t.declared_layers();
+                    let mut sending = 0;
+                    for l in 0..MAX_LAYERS {
+                        let bit = 1u8 << l;
+                        if declared & bit == 0 {
+                            continue;
+                        }
+                        if needs[i] & bit != 0 {
+                            t.needed_at[l] = Some(now);
+                        }
+                        // A layer first seen here gets the hold as grace.
+                        let at = *t.needed_at[l].get_or_insert(now);
+                        if now.saturating_duration_since(at) < DYNACAST_HOLD {
+                            sending |= bit;
+                        }
+                    }
+                    if sending != t.sending {
+                        t.sending = sending;
+                        let simulcast = t.simulcast();
+                        let layers = (0..MAX_LAYERS as u8)
+                            .filter(|l| sending & (1 << l) != 0)
+                            .map(|l| layer_quality(l, simulcast))
+                            .collect();
+                        debug!(participant = pid, track = %t.sid, sending, "dynacast");
+                        changes.push((pid, t.sid.clone(), layers));
+                    }
+                }
+            }
+        }
+        for (participant, track, layers) in changes {
+            self.events.push(FromNode::PublishLayers {
+                participant,
+                track,
+                layers,
+            });
+        }
+    }
+
+    /// A publisher's track started again: its new encoder sends every layer, so the
+    /// dynacast state starts over (and a client that kept layers off is told).
+    pub(super) fn dynacast_restart(&mut self, id: u64, pos: usize) {
+        let Some(t) = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.tracks.get_mut(pos))
+        else {
+            return;
+        };
+        let declared = t.declared_layers();
+        t.needed_at = [None; MAX_LAYERS];
+        if t.sending != declared {
+            t.sending = declared;
+            let simulcast = t.simulcast();
+            let layers = (0..MAX_LAYERS as u8)
+                .filter(|l| declared & (1 << l) != 0)
+                .map(|l| layer_quality(l, simulcast))
+                .collect();
+            let track = t.sid.clone();
+            self.events.push(FromNode::PublishLayers {
+                participant: id,
+                track,
+                layers,
+            });
+        }
+    }
+}
+
+/// The picture size in a VP8 keyframe's first packet (RFC 6386 §9.1: after the 3-byte
+/// frame tag, the start code 9d 01 2a, then 14-bit width and height).
+pub(super) fn vp8_keyframe_dims(payload: &[u8]) -> Option<(u16, u16)> {
+    // Payload descriptor length (RFC 7741 §4.2).
+    let b0 = *payload.first()?;
+    let mut off = 1;
+    if b0 & 0x80 != 0 {
+        let x = *payload.get(1)?;
+        off += 1;
+        if x & 0x80 != 0 {
+            off += if payload.get(off)? & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            off += 1;
+        }
+        if x & 0x30 != 0 {
+            off += 1;
+        }
+    }
+    let h = payload.get(off..off + 10)?;
+    if h[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let w = u16::from_le_bytes([h[6], h[7]]) & 0x3fff;
+    let ht = u16::from_le_bytes([h[8], h[9]]) & 0x3fff;
+    (w > 0 && ht > 0).then_some((w, ht))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vp8_keyframe_sizes_are_read_and_junk_is_not() {
+        // Descriptor with X, I (15-bit picture id), L, T/K; then a keyframe header of a
+        // 640x360 picture.
+        let mut p = vec![0x90, 0xf0, 0x80 | 0x12, 0x34, 0x05, 0x20];
+        p.extend_from_slice(&[0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a]);
+        p.extend_from_slice(&640u16.to_le_bytes());
+        p.extend_from_slice(&360u16.to_le_bytes());
+        assert_eq!(vp8_keyframe_dims(&p), Some((640, 360)));
+        // Minimal descriptor.
+        let mut q = vec![0x10, 0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a];
+        q.extend_from_slice(&(320u16 | 0x4000).to_le_bytes()); // scale bits ignored
+        q.extend_from_slice(&180u16.to_le_bytes());
+        assert_eq!(vp8_keyframe_dims(&q), Some((320, 180)));
+        for junk in [
+            &[][..],
+            &[0x90][..],
+            &[0x10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10][..],
+        ] {
+            assert_eq!(vp8_keyframe_dims(junk), None);
+        }
+        assert_eq!(vp8_keyframe_dims(&p[..p.len() - 1]), None, "truncated");
+    }
+
+    #[test]
+    fn tile_sizes_pick_the_layer_that_covers_them() {
+        let mut t = PubTrack::new(
+            1,
+            0,
+            Mid::from("1"),
+            TrackKind::Video,
+            TrackSource::Camera,
+            vec!["q".into(), "h".into(), "f".into()],
+        );
+        // Nothing measured: 720p at the top, halving down.
+        assert_eq!(view_layer(&t, Some((300, 170))), Some(0));
+        assert_eq!(view_layer(&t, Some((400, 225))), Some(1));
+        assert_eq!(view_layer(&t, Some((1280, 720))), Some(2));
+        assert_eq!(
+            view_layer(&t, Some((3840, 2160))),
+            Some(2),
+            "none covers: top"
+        );
+        assert_eq!(view_layer(&t, None), Some(2));
+        // A 1080p camera measured on its top layer: 960x540 in the middle.
+        t.receiver.set_dims(2, (1920, 1080));
+        assert_eq!(view_layer(&t, Some((900, 500))), Some(1));
+        // Single-layer tracks have only layer 0.
+        let s = PubTrack::new(
+            1,
+            1,
+            Mid::from("2"),
+            TrackKind::Video,
+            TrackSource::Screen,
+            vec![],
+        );
+        assert_eq!(view_layer(&s, Some((100, 100))), Some(0));
+        assert_eq!(clip(0b101, Some(1)), Some(0));
+        assert_eq!(clip(0b101, None), None);
+    }
+}
