@@ -362,11 +362,27 @@ async fn protocols_1_and_2_are_served_and_track_grants_hold_over_the_socket() {
     assert_eq!(m, "this token may not publish camera");
     c.send(&ClientMessage::UpdateSubscription {
         track_sid: "t1_1".into(),
-        max_quality: Quality::Low,
+        max_quality: Some(Quality::Low),
+        visible: None,
+        width: None,
+        height: None,
     })
     .await
     .unwrap();
     expect_error(&mut c, ErrorCode::UnknownTrack).await;
+    // Adaptive stream sizes come in pairs and within bounds.
+    for (w, h) in [(Some(640), None), (Some(100_000), Some(100))] {
+        c.send(&ClientMessage::UpdateSubscription {
+            track_sid: "t1_1".into(),
+            max_quality: None,
+            visible: Some(true),
+            width: w,
+            height: h,
+        })
+        .await
+        .unwrap();
+        expect_error(&mut c, ErrorCode::BadRequest).await;
+    }
     ping_pong(&mut c, 2.0).await;
 }
 

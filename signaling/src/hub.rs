@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chorus_protocol::client::{ErrorCode, Grants, IceServer, ParticipantInfo, ServerMessage};
 use chorus_protocol::control::{FromNode, NodeErrorCode, ToNode};
-use chorus_protocol::track::{Quality, TrackInfo, TrackSource};
+use chorus_protocol::track::{Quality, ReceiveStats, TrackInfo, TrackSource};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -96,6 +96,8 @@ struct Participant {
     publishing: bool,
     /// What the node last said the participant publishes (`FromNode::Tracks`).
     tracks: Vec<TrackInfo>,
+    /// The node's latest report on this participant's downlink (video receivers only).
+    receive: Option<ReceiveStats>,
     node: String,
     session: Option<Session>,
     /// Server-side noise suppression is on for this participant.
@@ -168,8 +170,31 @@ pub struct RoomSettings {
 pub struct RoomOverview {
     pub room: String,
     pub node: Option<String>,
-    pub participants: Vec<ParticipantInfo>,
+    pub participants: Vec<AdminParticipant>,
     pub settings: RoomSettings,
+}
+
+/// What a client's `update_subscription` changes (each field left out stays).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionUpdate {
+    pub max_quality: Option<Quality>,
+    pub visible: Option<bool>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+}
+
+/// Largest tile size (device pixels) a client may report for adaptive stream.
+pub const MAX_VIEW_PIXELS: u32 = 16_384;
+
+/// A participant in the admin API's room view: what every client sees, plus how the
+/// node serves its downlink (bandwidth estimate, allocation, layer and pause state per
+/// video track) when it receives video.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdminParticipant {
+    #[serde(flatten)]
+    pub info: ParticipantInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive: Option<ReceiveStats>,
 }
 
 struct Room {
@@ -400,6 +425,7 @@ impl Hub {
             speaking: false,
             publishing: false,
             tracks: Vec::new(),
+            receive: None,
             node: node.clone(),
             session: Some(Session { conn, tx }),
             enhanced: false,
@@ -467,8 +493,24 @@ impl Hub {
         participant: u64,
         conn: u64,
         track: String,
-        max_quality: Quality,
+        view: SubscriptionUpdate,
     ) -> Result<(), HubError> {
+        if view.width.is_some() != view.height.is_some() {
+            return Err((
+                ErrorCode::BadRequest,
+                "update_subscription needs width and height together".into(),
+            ));
+        }
+        if view
+            .width
+            .max(view.height)
+            .is_some_and(|v| v > MAX_VIEW_PIXELS)
+        {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("width and height are device pixels, at most {MAX_VIEW_PIXELS}"),
+            ));
+        }
         let st = self.lock();
         let p = owned(&st, participant, conn)?;
         let published = st.rooms.get(&p.room).is_some_and(|r| {
@@ -491,7 +533,10 @@ impl Hub {
         let _ = node.tx.send(ToNode::SetSubscription {
             participant,
             track,
-            max_quality,
+            max_quality: view.max_quality,
+            visible: view.visible,
+            width: view.width,
+            height: view.height,
         });
         Ok(())
     }
@@ -575,7 +620,12 @@ impl Hub {
                     .map(|x| {
                         x.participants
                             .iter()
-                            .filter_map(|id| st.participants.get(id).map(Participant::info))
+                            .filter_map(|id| {
+                                st.participants.get(id).map(|p| AdminParticipant {
+                                    info: p.info(),
+                                    receive: p.receive.clone(),
+                                })
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -782,12 +832,33 @@ impl Hub {
                 participant,
                 track,
                 quality,
+                reason,
             } => {
                 if let Some(p) = on_node(&st, participant, node_id) {
                     p.send(ServerMessage::TrackQuality {
                         track_sid: track,
                         quality,
+                        reason,
                     });
+                }
+            }
+            FromNode::PublishLayers {
+                participant,
+                track,
+                layers,
+            } => {
+                if let Some(p) = on_node(&st, participant, node_id) {
+                    p.send(ServerMessage::PublishLayers {
+                        track_sid: track,
+                        layers,
+                    });
+                }
+            }
+            FromNode::ReceiveStats { participant, stats } => {
+                if let Some(p) = st.participants.get_mut(&participant) {
+                    if p.node == node_id {
+                        p.receive = Some(stats);
+                    }
                 }
             }
             FromNode::ParticipantGone {

@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::hub::{Hub, Outbound, SESSION_QUEUE};
+use crate::hub::{Hub, Outbound, SubscriptionUpdate, SESSION_QUEUE};
 use crate::token::TokenVerifier;
 
 /// Frames above this are refused by the WebSocket layer itself (close 1009); frames
@@ -291,10 +291,19 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 ClientMessage::UpdateSubscription {
                     track_sid,
                     max_quality,
+                    visible,
+                    width,
+                    height,
                 },
                 Some(p),
             ) => {
-                if let Err((code, m)) = hub.update_subscription(p, conn, track_sid, max_quality) {
+                let view = SubscriptionUpdate {
+                    max_quality,
+                    visible,
+                    width,
+                    height,
+                };
+                if let Err((code, m)) = hub.update_subscription(p, conn, track_sid, view) {
                     error(code, &m);
                 }
             }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use chorus_protocol::track::{SourceSet, TrackDecl, TrackKind};
+use chorus_protocol::track::{QualityReason, SourceSet, TrackDecl, TrackKind};
 use chorus_protocol::{PROTOCOL_AUDIO_ONLY, PROTOCOL_VERSION};
 
 use super::*;
@@ -312,7 +312,7 @@ async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
     }
     let overview = f.hub.rooms_overview(Some("room"));
     let ana = &overview[0].participants[0];
-    assert_eq!(ana.tracks[1].kind, TrackKind::Video);
+    assert_eq!(ana.info.tracks[1].kind, TrackKind::Video);
 
     // A resume (same protocol) keeps the seat and its tracks.
     f.hub.disconnected(b, 2);
@@ -377,39 +377,67 @@ fn subscriptions_name_tracks_someone_else_publishes() {
 
     let e = f
         .hub
-        .update_subscription(b, b_conn, "t99_1".into(), Quality::Low)
+        .update_subscription(b, b_conn, "t99_1".into(), cap(Quality::Low))
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     // One's own track is not a subscription.
     let e = f
         .hub
-        .update_subscription(b, b_conn, format!("t{b}_1"), Quality::Low)
+        .update_subscription(b, b_conn, format!("t{b}_1"), cap(Quality::Low))
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     assert!(f.node_got().is_empty());
 
     f.hub
-        .update_subscription(b, b_conn, cam.clone(), Quality::Low)
+        .update_subscription(b, b_conn, cam.clone(), cap(Quality::Low))
         .unwrap();
     assert_eq!(
         f.node_got(),
         [ToNode::SetSubscription {
             participant: b,
             track: cam.clone(),
-            max_quality: Quality::Low,
+            max_quality: Some(Quality::Low),
+            visible: None,
+            width: None,
+            height: None,
+        }]
+    );
+    // Adaptive stream: visibility and size pass through as given.
+    f.hub
+        .update_subscription(
+            b,
+            b_conn,
+            cam.clone(),
+            SubscriptionUpdate {
+                visible: Some(false),
+                width: Some(320),
+                height: Some(180),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        f.node_got(),
+        [ToNode::SetSubscription {
+            participant: b,
+            track: cam.clone(),
+            max_quality: None,
+            visible: Some(false),
+            width: Some(320),
+            height: Some(180),
         }]
     );
     // A track that was unpublished is unknown again.
     f.publish(a, vec![]);
     let e = f
         .hub
-        .update_subscription(b, b_conn, cam.clone(), Quality::High)
+        .update_subscription(b, b_conn, cam.clone(), cap(Quality::High))
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     // A stale session may not subscribe for the seat.
     let e = f
         .hub
-        .update_subscription(b, a_conn, cam, Quality::High)
+        .update_subscription(b, a_conn, cam, cap(Quality::High))
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::NotJoined);
 }
@@ -427,6 +455,15 @@ fn track_quality_and_unknown_track_errors_go_to_that_participant_only() {
             participant: b,
             track: format!("t{a}_2"),
             quality: Quality::Medium,
+            reason: Some(QualityReason::Bandwidth),
+        },
+    );
+    f.hub.node_event(
+        "n",
+        FromNode::PublishLayers {
+            participant: a,
+            track: format!("t{a}_2"),
+            layers: vec![Quality::Low],
         },
     );
     f.hub.node_event(
@@ -443,6 +480,7 @@ fn track_quality_and_unknown_track_errors_go_to_that_participant_only() {
             ServerMessage::TrackQuality {
                 track_sid: format!("t{a}_2"),
                 quality: Quality::Medium,
+                reason: Some(QualityReason::Bandwidth),
             },
             ServerMessage::Error {
                 code: ErrorCode::UnknownTrack,
@@ -450,5 +488,18 @@ fn track_quality_and_unknown_track_errors_go_to_that_participant_only() {
             },
         ]
     );
-    assert!(f.received(a).is_empty());
+    assert_eq!(
+        f.received(a),
+        [ServerMessage::PublishLayers {
+            track_sid: format!("t{a}_2"),
+            layers: vec![Quality::Low],
+        }]
+    );
+}
+
+fn cap(q: Quality) -> SubscriptionUpdate {
+    SubscriptionUpdate {
+        max_quality: Some(q),
+        ..Default::default()
+    }
 }
