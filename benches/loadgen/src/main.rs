@@ -66,6 +66,10 @@ struct Scenario {
     /// connected (like pressing the camera button); absent: in the first offer.
     #[serde(default, with = "humantime_serde_compat::option")]
     camera_after: Option<Duration>,
+    /// Video: the `max_quality` each subscriber sets on every camera it receives, taken
+    /// in turn by participant (`["high","medium","low"]`: a third each); empty: none.
+    #[serde(default)]
+    subscriber_caps: Vec<chorus_protocol::track::Quality>,
 }
 
 mod humantime_serde_compat {
@@ -715,6 +719,8 @@ async fn run_one(
                         camera: cameras[i],
                         camera_after: sc.camera_after,
                         clip: v.clone(),
+                        cap: (!sc.subscriber_caps.is_empty())
+                            .then(|| sc.subscriber_caps[i % sc.subscriber_caps.len()]),
                     }),
                     stop: stop_rx.clone(),
                 };

@@ -82,6 +82,8 @@ pub struct VideoSpec {
     /// in the first offer.
     pub camera_after: Option<Duration>,
     pub clip: Arc<VideoClip>,
+    /// `max_quality` to set on every video track this participant receives.
+    pub cap: Option<chorus_protocol::track::Quality>,
 }
 
 /// A UDP socket on `ip` with a receive buffer big enough for bursts (a listener of
@@ -140,7 +142,8 @@ impl Pc {
     }
 
     /// A video-capable PC on `ip`: RTP mode, Opus and VP8, and the header
-    /// extensions the SFU negotiates (audio level, mid, rid, repaired rid) at its ids.
+    /// extensions the SFU negotiates (audio level, mid, rid, repaired rid, transport-wide
+    /// sequence numbers) at its ids.
     pub fn new_video(ip: IpAddr) -> anyhow::Result<Pc> {
         let socket = bind_socket(ip)?;
         let local = socket.local_addr()?;
@@ -154,6 +157,11 @@ impl Pc {
             .set_extension(4, Extension::RtpMid)
             .set_extension(10, Extension::RtpStreamId)
             .set_extension(11, Extension::RepairedRtpStreamId)
+            // Transport-wide sequence numbers, so this peer sends the congestion feedback
+            // a browser sends: the SFU's bandwidth estimate (and so the layers its
+            // allocator grants) comes from it. Without it the estimate never leaves its
+            // 1 Mbit/s start.
+            .set_extension(3, Extension::TransportSequenceNumber)
             .build(Instant::now());
         Self::with_rtc(rtc, socket, local)
     }
@@ -511,6 +519,7 @@ async fn run_inner(
     let ServerMessage::Joined { me, room, .. } = joined else {
         bail!("unexpected join reply");
     };
+    let my_sid = me.sid.clone();
     result.identity = me.identity;
     result.room = room;
     shared.joined.fetch_add(1, Ordering::Relaxed);
@@ -563,6 +572,8 @@ async fn run_inner(
     let mut frame_tick = tokio::time::interval(video::FRAME_INTERVAL);
     frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    // Video tracks this subscriber has set its cap on.
+    let mut capped: std::collections::HashSet<String> = std::collections::HashSet::new();
 
     loop {
         let deadline = pc.drive(&mut rx, shared)?;
@@ -615,6 +626,29 @@ async fn run_inner(
                 }
                 chorus_native::Incoming::Message(ServerMessage::Left { reason }) => {
                     bail!("server ended the session: {reason}");
+                }
+                chorus_native::Incoming::Message(
+                    ServerMessage::ParticipantJoined { participant }
+                    | ServerMessage::ParticipantUpdated { participant },
+                ) => {
+                    // Mixed subscriber caps: each new video track gets this one's cap.
+                    let theirs = participant.sid != my_sid;
+                    if let Some(cap) = video.as_ref().and_then(|v| v.cap).filter(|_| theirs) {
+                        for t in participant.tracks.iter().filter(|t| {
+                            t.kind == chorus_protocol::track::TrackKind::Video
+                        }) {
+                            if capped.insert(t.sid.clone()) {
+                                sig.send(&ClientMessage::UpdateSubscription {
+                                    track_sid: t.sid.clone(),
+                                    max_quality: Some(cap),
+                                    visible: None,
+                                    width: None,
+                                    height: None,
+                                })
+                                .await?;
+                            }
+                        }
+                    }
                 }
                 chorus_native::Incoming::Message(_) => {}
                 chorus_native::Incoming::Closed(c) => bail!("signaling closed: {c:?}"),

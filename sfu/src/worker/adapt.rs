@@ -34,6 +34,10 @@ const DYNACAST_EVERY: Duration = Duration::from_millis(500);
 /// wants moved by more than this share (percent), so probing is not restarted for noise.
 const DESIRED_CHANGE_PCT: u64 = 10;
 
+/// Probing aims this much (percent) above what the subscriber's video would take: the
+/// allocator's margin for going up (15%) and a little more.
+const PROBE_MARGIN_PCT: u64 = 25;
+
 /// Bitrates assumed for layers not measured yet (what the web SDK asks the encoder for).
 fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
     match (source, simulcast, layer) {
@@ -321,9 +325,12 @@ impl Worker {
             (self.stats.video_paused_bandwidth + paused).saturating_sub(dl.paused);
         dl.paused = paused;
 
-        // Probing: let the estimator look for room up to what the subscriber would take.
-        let wanted = Allocator::wanted_bps(&demands) + dl.audio_bps;
-        dl.probing = wanted > dl.estimate;
+        // Probing: let the estimator look for room up to what the subscriber would take,
+        // plus the allocator's margin for going up (probing only to the bare sum left
+        // the estimate just under what the top layers need with the margin).
+        let video_wanted = Allocator::wanted_bps(&demands);
+        let wanted = video_wanted * (100 + PROBE_MARGIN_PCT) / 100 + dl.audio_bps;
+        dl.probing = video_wanted + dl.audio_bps > dl.estimate;
         let desired_changed = wanted.abs_diff(dl.desired) * 100 > dl.desired * DESIRED_CHANGE_PCT;
         if desired_changed {
             dl.desired = wanted;
