@@ -1001,6 +1001,7 @@ mod tests {
             server_args: Vec::new(),
             cameras_per_room: 0,
             camera_after: None,
+            subscriber_caps: Vec::new(),
         }
     }
 
