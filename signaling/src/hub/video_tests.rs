@@ -503,3 +503,61 @@ fn cap(q: Quality) -> SubscriptionUpdate {
         ..Default::default()
     }
 }
+
+#[test]
+fn the_admin_room_view_shows_each_receivers_latest_downlink_report() {
+    use chorus_protocol::track::{ReceiveStats, TrackReceive};
+    let mut f = fixture();
+    let (a, _) = f.join("ana", Grants::default_participant());
+    let (b, _) = f.join("bo", Grants::default_participant());
+    let stats = ReceiveStats {
+        estimate_bps: 420_000,
+        allocated_bps: 300_000,
+        actual_bps: 350_000,
+        probing: true,
+        tracks: vec![TrackReceive {
+            track: format!("t{a}_1"),
+            quality: Quality::Low,
+            allocated: Quality::Low,
+            reason: Some(QualityReason::Bandwidth),
+        }],
+    };
+    f.hub.node_event(
+        "n",
+        FromNode::ReceiveStats {
+            participant: b,
+            stats: stats.clone(),
+        },
+    );
+    // A report from a node the participant is not on is ignored.
+    f.hub.node_event(
+        "other",
+        FromNode::ReceiveStats {
+            participant: a,
+            stats: stats.clone(),
+        },
+    );
+    let room = f.hub.rooms_overview(Some("room")).remove(0);
+    let by = |id: u64| {
+        room.participants
+            .iter()
+            .find(|p| p.info.sid == id.to_string())
+            .unwrap()
+    };
+    assert_eq!(by(b).receive, Some(stats));
+    assert_eq!(by(a).receive, None);
+    let json = serde_json::to_value(&room).unwrap();
+    let bo = json["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identity"] == "bo")
+        .unwrap();
+    assert_eq!(bo["receive"]["estimate_bps"], 420_000);
+    assert_eq!(bo["receive"]["tracks"][0]["reason"], "bandwidth");
+    assert!(json["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["identity"] == "ana" && p.get("receive").is_none()));
+}
