@@ -255,6 +255,7 @@ impl SelectionArgs {
         chorus_sfu::WorkerConfig {
             selection_above: self.speaker_selection_above,
             max_active_speakers: self.max_active_speakers.max(1),
+            ..Default::default()
         }
     }
 }

@@ -232,6 +232,12 @@ pub struct WorkerConfig {
     pub selection_above: usize,
     /// At most this many speakers are forwarded at once in such rooms.
     pub max_active_speakers: usize,
+    /// Where each video subscriber's bandwidth estimate starts (bits per second).
+    pub initial_estimate_bps: u64,
+    /// Estimate video subscribers' downlinks from their congestion feedback (str0m's
+    /// estimator and pacer). Off, the allocator works from `initial_estimate_bps` as if
+    /// it were measured: for benchmarks of the forwarding path alone.
+    pub bandwidth_estimation: bool,
 }
 
 impl Default for WorkerConfig {
@@ -239,6 +245,8 @@ impl Default for WorkerConfig {
         WorkerConfig {
             selection_above: 6,
             max_active_speakers: 3,
+            initial_estimate_bps: adapt::INITIAL_ESTIMATE,
+            bandwidth_estimation: true,
         }
     }
 }
@@ -637,7 +645,10 @@ impl Worker {
             // the feedback; audio-only clients keep the cheaper session.
             builder = builder.set_extension(3, Extension::TransportSequenceNumber);
             // The same feedback drives our estimate of this subscriber's downlink.
-            builder = builder.enable_bwe(Some(str0m::bwe::Bitrate::bps(adapt::INITIAL_ESTIMATE)));
+            if self.config.bandwidth_estimation {
+                let start = str0m::bwe::Bitrate::bps(self.config.initial_estimate_bps);
+                builder = builder.enable_bwe(Some(start));
+            }
         }
         let mut rtc = builder.build(now);
         for addr in &self.candidate_addrs {
@@ -691,7 +702,8 @@ impl Worker {
                 dirty: false,
                 disconnected_since: None,
                 mic_reported: false,
-                downlink: video.then(|| Box::new(Downlink::new(now))),
+                downlink: video
+                    .then(|| Box::new(Downlink::new(now, self.config.initial_estimate_bps))),
             },
         );
     }

@@ -14,8 +14,9 @@ use super::*;
 use crate::allocator::{Allocator, Demand, Priority};
 use crate::forwarder::{cap_layer, layer_quality, MAX_LAYERS};
 
-/// Where a subscriber's estimate starts, so the first seconds are not stuck on the
-/// lowest layers while the estimator finds its feet.
+/// Where a subscriber's estimate starts (the default of
+/// [`super::WorkerConfig::initial_estimate_bps`]), so the first seconds are not stuck on
+/// the lowest layers while the estimator finds its feet.
 pub(super) const INITIAL_ESTIMATE: u64 = 1_000_000;
 
 /// How often each subscriber's allocation is revisited (also at once when the user
@@ -37,6 +38,9 @@ const DESIRED_CHANGE_PCT: u64 = 10;
 /// Probing aims this much (percent) above what the subscriber's video would take: the
 /// allocator's margin for going up (15%) and a little more.
 const PROBE_MARGIN_PCT: u64 = 25;
+
+/// What the lowest layer of a track costs before it is measured.
+const UNMEASURED_LOWEST: u64 = 100_000;
 
 /// Bitrates assumed for layers not measured yet (what the web SDK asks the encoder for).
 fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
@@ -128,9 +132,9 @@ pub(super) struct Downlink {
 }
 
 impl Downlink {
-    pub fn new(now: Instant) -> Self {
+    pub fn new(now: Instant, initial_estimate: u64) -> Self {
         Downlink {
-            estimate: INITIAL_ESTIMATE,
+            estimate: initial_estimate,
             twcc: false,
             probing: false,
             alloc: Allocator::default(),
@@ -241,11 +245,15 @@ impl Worker {
                 // publisher stopped by itself (its uplink shed it) is not.
                 let stopped_by_us = t.sending & bit == 0;
                 if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us {
-                    *b = Some(
-                        t.receiver
-                            .rate(l as u8)
-                            .unwrap_or_else(|| nominal_rate(l as u8, t.source, simulcast)),
-                    );
+                    let lowest = declared & (bit - 1) == 0;
+                    *b = Some(t.receiver.rate(l as u8).unwrap_or(if lowest {
+                        // Not measured yet: the lowest layer is never paused on a guess
+                        // (a single-layer screen share's nominal 2.5 Mbit/s would not
+                        // fit the start); its real rate decides half a second later.
+                        UNMEASURED_LOWEST
+                    } else {
+                        nominal_rate(l as u8, t.source, simulcast)
+                    }));
                 }
             }
             let client = clip(declared, cap_layer(dt.cap));
@@ -291,6 +299,7 @@ impl Worker {
             dl.window_start = now;
         }
         let budget = dl.estimate.saturating_sub(dl.audio_bps);
+
         dl.alloc.update(now, budget, &demands);
         let sw = dl.alloc.switches();
         let (up, down) = (sw.up - dl.switches.0, sw.down - dl.switches.1);
