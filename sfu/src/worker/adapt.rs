@@ -39,6 +39,10 @@ const DESIRED_CHANGE_PCT: u64 = 10;
 /// allocator's margin for going up (15%) and a little more.
 const PROBE_MARGIN_PCT: u64 = 25;
 
+/// For this long after a subscriber's session starts, every track gets at least its
+/// lowest layer (nobody joins a room to find cameras paused by a starting guess).
+const STARTUP: Duration = Duration::from_secs(4);
+
 /// What the lowest layer of a track costs before it is measured.
 const UNMEASURED_LOWEST: u64 = 100_000;
 
@@ -126,6 +130,8 @@ pub(super) struct Downlink {
     audio_bps: u64,
     actual_bps: u64,
     next_stats: Instant,
+    /// When the session started (see [`STARTUP`]).
+    started: Instant,
     /// Tracks paused for bandwidth now; switches counted so far.
     paused: u64,
     switches: (u64, u64),
@@ -146,6 +152,7 @@ impl Downlink {
             audio_bytes: 0,
             video_bytes: 0,
             window_start: now,
+            started: now,
             audio_bps: 0,
             actual_bps: 0,
             next_stats: now + STATS_EVERY,
@@ -298,7 +305,18 @@ impl Worker {
             dl.video_bytes = 0;
             dl.window_start = now;
         }
-        let budget = dl.estimate.saturating_sub(dl.audio_bps);
+        let mut budget = dl.estimate.saturating_sub(dl.audio_bps);
+        if now.saturating_duration_since(dl.started) < STARTUP {
+            // Joining a room of many cameras: everyone's lowest layer at first, whatever
+            // the starting estimate says; a link that cannot carry it shows within
+            // seconds and the allocator pauses then.
+            let lowest: u64 = demands
+                .iter()
+                .filter(|d| d.max_layer.is_some())
+                .filter_map(|d| d.bitrates.iter().flatten().next())
+                .sum();
+            budget = budget.max(lowest * (100 + 15) / 100);
+        }
 
         dl.alloc.update(now, budget, &demands);
         let sw = dl.alloc.switches();
