@@ -26,8 +26,8 @@ run rooms-20x5 --rooms 4 --participants 3 --server-arg=--workers --server-arg=2
 # Video (about 8 s): 3 cameras (three-layer VP8 simulcast from benches/video/*.ivf,
 # turned on by a second offer) and microphones; every subscriber must get complete
 # frames from both other cameras on the top layer, with continuous picture ids.
-# 8 s, not 3: the allocator starts each subscriber from a 1 Mbit/s estimate and moves
-# up after the estimate has held for 3 s, so the top layer is reached ~4-5 s after a join.
+# 8 s, not 3: the allocator starts each subscriber from its start estimate and moves up
+# as the estimate grows, so the top layer is reached a few seconds after a join.
 run video-4x5 --rooms 1 --participants 3 --duration 8s
 # The Janus comparison (about 16 s): the same tiny load against chorus dev, then Janus.
 # Janus never gathers ICE candidates on a loopback interface, so the run happens in a

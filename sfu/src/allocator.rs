@@ -121,6 +121,10 @@ pub struct Allocator<K> {
     /// Since when a better allocation has fitted, and the lowest estimate since then.
     up_since: Option<(Instant, u64)>,
     switches: Switches,
+    /// Go up without the hold (a session's first seconds, while the estimate climbs
+    /// from its start value: waiting 3 s per step would keep a new subscriber on low
+    /// layers for ten seconds).
+    pub fast_up: bool,
     /// Reused buffers (the allocator runs every few hundred milliseconds per subscriber).
     order: Vec<usize>,
     next: Vec<Option<u8>>,
@@ -141,6 +145,7 @@ impl<K: Copy + PartialEq> Allocator<K> {
             over_since: None,
             up_since: None,
             switches: Switches::default(),
+            fast_up: false,
             order: Vec::new(),
             next: Vec::new(),
             cand: Vec::new(),
@@ -227,7 +232,12 @@ impl<K: Copy + PartialEq> Allocator<K> {
             if cand.iter().zip(&next).any(|(c, n)| c > n) {
                 let (since, floor) = self.up_since.get_or_insert((now, estimate));
                 *floor = (*floor).min(estimate);
-                if now.saturating_duration_since(*since) >= self.config.up_hold {
+                let hold = if self.fast_up {
+                    Duration::ZERO
+                } else {
+                    self.config.up_hold
+                };
+                if now.saturating_duration_since(*since) >= hold {
                     let floor = *floor;
                     self.fit(margin(floor), demands, None, &mut cand);
                     if cand.iter().zip(&next).any(|(c, n)| c > n) {
@@ -568,6 +578,18 @@ mod tests {
         d[0].max_layer = None;
         a.update(t + Duration::from_millis(200), 3000 * K, &d);
         assert_eq!(layers(&a)[0], None);
+    }
+
+    #[test]
+    fn fast_up_skips_the_hold() {
+        use Priority::Camera;
+        let d = [cam(1, Camera, Some(2))];
+        let mut a = Allocator::default();
+        a.fast_up = true;
+        let t = run(&mut a, Instant::now(), 100, 300, &d);
+        assert_eq!(layers(&a), [Some(0)]);
+        run(&mut a, t, 100, 2000, &d);
+        assert_eq!(layers(&a), [Some(2)], "no 3 s hold");
     }
 
     #[test]

@@ -483,7 +483,7 @@ fn simulcast_camera_reaches_subscribers_on_the_top_layer_and_switches_with_the_c
     let mut sim = Sim::new();
     sim.join(1, true, true);
     sim.join(2, false, true);
-    // The allocator starts from a 1 Mbit/s estimate and the nominal layer rates
+    // The allocator starts from its start estimate and the nominal layer rates
     // (medium fits, high does not); once the layers are measured (this sim's are tiny)
     // the top layer fits, and is taken after the allocator's 3 s up hold.
     sim.run(5000);
@@ -767,7 +767,7 @@ fn nacks_are_answered_from_the_send_buffer_but_not_past_its_age() {
     let mut sim = Sim::new();
     sim.join(1, true, true);
     sim.join(2, false, true);
-    // The allocator starts from a 1 Mbit/s estimate and the nominal layer rates
+    // The allocator starts from its start estimate and the nominal layer rates
     // (medium fits, high does not); once the layers are measured (this sim's are tiny)
     // the top layer fits, and is taken after the allocator's 3 s up hold.
     sim.run(5000);

@@ -17,7 +17,7 @@ use crate::forwarder::{cap_layer, layer_quality, MAX_LAYERS};
 /// Where a subscriber's estimate starts (the default of
 /// [`super::WorkerConfig::initial_estimate_bps`]), so the first seconds are not stuck on
 /// the lowest layers while the estimator finds its feet.
-pub(super) const INITIAL_ESTIMATE: u64 = 1_000_000;
+pub(super) const INITIAL_ESTIMATE: u64 = 3_000_000;
 
 /// How often each subscriber's allocation is revisited (also at once when the user
 /// changes a subscription or tracks come and go).
@@ -43,8 +43,15 @@ const PROBE_MARGIN_PCT: u64 = 25;
 /// lowest layer (nobody joins a room to find cameras paused by a starting guess).
 const STARTUP: Duration = Duration::from_secs(4);
 
+/// For this long after a subscriber's session starts, the allocator goes up as soon as
+/// a better allocation fits (no 3 s hold), while the estimate climbs from its start.
+const FAST_UP: Duration = Duration::from_secs(10);
+
 /// What the lowest layer of a track costs before it is measured.
 const UNMEASURED_LOWEST: u64 = 100_000;
+
+/// Probing aims at most this far (percent) above the current estimate.
+const PROBE_STEP_PCT: u64 = 150;
 
 /// Bitrates assumed for layers not measured yet (what the web SDK asks the encoder for).
 fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
@@ -253,14 +260,30 @@ impl Worker {
                 let stopped_by_us = t.sending & bit == 0;
                 if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us {
                     let lowest = declared & (bit - 1) == 0;
-                    *b = Some(t.receiver.rate(l as u8).unwrap_or(if lowest {
-                        // Not measured yet: the lowest layer is never paused on a guess
-                        // (a single-layer screen share's nominal 2.5 Mbit/s would not
-                        // fit the start); its real rate decides half a second later.
-                        UNMEASURED_LOWEST
+                    let nominal = nominal_rate(l as u8, t.source, simulcast);
+                    let measured = t.receiver.rate(l as u8);
+                    *b = Some(if live & bit == 0 && t.receiver.seen(l as u8) {
+                        // Stopped (dynacast): the last windows before it stopped held
+                        // only its tail, and a restarted encoder opens with a keyframe,
+                        // so the measured rate is too low a price: twice it. (The
+                        // nominal rate priced a fake camera's 15 kbit/s low layer out
+                        // of a 400 kbit/s link.) Half a second after it is back, the
+                        // real rate decides.
+                        measured
+                            .unwrap_or(nominal)
+                            .saturating_mul(2)
+                            .max(UNMEASURED_LOWEST)
                     } else {
-                        nominal_rate(l as u8, t.source, simulcast)
-                    }));
+                        measured.unwrap_or(if lowest {
+                            // Not measured yet: the lowest layer is never paused on a
+                            // guess (a single-layer screen share's nominal 2.5 Mbit/s
+                            // would not fit the start); its real rate decides half a
+                            // second later.
+                            UNMEASURED_LOWEST
+                        } else {
+                            nominal
+                        })
+                    });
                 }
             }
             let client = clip(declared, cap_layer(dt.cap));
@@ -306,6 +329,7 @@ impl Worker {
             dl.window_start = now;
         }
         let mut budget = dl.estimate.saturating_sub(dl.audio_bps);
+        dl.alloc.fast_up = now.saturating_duration_since(dl.started) < FAST_UP;
         if now.saturating_duration_since(dl.started) < STARTUP {
             // Joining a room of many cameras: everyone's lowest layer at first, whatever
             // the starting estimate says; a link that cannot carry it shows within
@@ -356,7 +380,11 @@ impl Worker {
         // plus the allocator's margin for going up (probing only to the bare sum left
         // the estimate just under what the top layers need with the margin).
         let video_wanted = Allocator::wanted_bps(&demands);
-        let wanted = video_wanted * (100 + PROBE_MARGIN_PCT) / 100 + dl.audio_bps;
+        // Step by step: probing straight for a far-off target pushed a 400 kbit/s link
+        // into heavy loss and the loss-based estimate down to 100 kbit/s, where
+        // nothing fitted.
+        let wanted = (video_wanted * (100 + PROBE_MARGIN_PCT) / 100 + dl.audio_bps)
+            .min(dl.estimate.saturating_mul(PROBE_STEP_PCT) / 100);
         dl.probing = video_wanted + dl.audio_bps > dl.estimate;
         let desired_changed = wanted.abs_diff(dl.desired) * 100 > dl.desired * DESIRED_CHANGE_PCT;
         if desired_changed {
@@ -383,6 +411,14 @@ impl Worker {
             }
         }
         if let Some(mut stats) = stats {
+            debug!(
+                participant = id,
+                estimate = stats.estimate_bps,
+                granted = stats.allocated_bps,
+                actual = stats.actual_bps,
+                wanted,
+                "downlink"
+            );
             stats.tracks = self.receive_tracks(id);
             self.events.push(FromNode::ReceiveStats {
                 participant: id,
