@@ -77,6 +77,11 @@ const params = new URLSearchParams(location.search);
 const urlToken = params.get("token");
 /** ?codec=h264 (or vp8, vp9, av1): the camera offers only that codec (for testing). */
 const cameraCodec = params.get("codec") || undefined;
+/**
+ * ?adaptive=0 turns adaptive stream off: every video arrives as if its tile were shown
+ * full size, whatever its size or visibility (for testing and comparisons).
+ */
+const adaptiveStream = params.get("adaptive") !== "0";
 const canShareScreen = !!(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
 /** A Camera / Share screen press is being carried out (device prompt, negotiation). */
 const busy = { camera: false, screen: false };
@@ -180,6 +185,8 @@ async function join() {
       // picks the transport to the relay (for testing restrictive networks).
       iceTransportPolicy: params.get("relay") ? "relay" : "all",
       turnTransport: ["udp", "tcp"].includes(params.get("relay")) ? params.get("relay") : null,
+      // Hidden and small tiles ask the server for less (see updateTile).
+      adaptiveStream,
     });
     window.chorus = client;
     // Sent again by the SDK once joined; the server ignores it before that.
@@ -557,22 +564,55 @@ function updateTile(el, e) {
     el.dataset.frames = "false";
     if (e.track) video.play().catch(() => {});
   }
+  // Adaptive stream: the SDK watches the size and visibility of each remote video
+  // (observing again is a no-op; the SDK drops the observation when a track goes away).
+  const observe = !e.isSelf && e.track ? e.trackSid : null;
+  if (video._observedSid && video._observedSid !== observe) client.unobserveTrackElement(video._observedSid, video);
+  if (observe) client.observeTrackElement(observe, video);
+  video._observedSid = observe;
   const badge = el.querySelector('[data-testid="quality-badge"]');
   if (e.isSelf) {
     // What we receive is meaningless for our own preview.
     badge.textContent = "you";
     badge.dataset.quality = "local";
+    badge.title = "Your own video";
+    delete el.dataset.qualityReason;
   } else {
     const q = client.trackQuality.get(e.trackSid);
-    badge.textContent = q || "…";
+    const reason = (q && client.trackQualityReason.get(e.trackSid)) || null;
+    badge.textContent = qualityText(q, reason);
     badge.dataset.quality = q || "unknown";
-    badge.title = q ? `Receiving the ${q} layer` : "Waiting for video";
+    badge.title = qualityTitle(q, reason);
+    // Why a tile froze or blurs, for styling and tests: bandwidth | view | publisher.
+    if (reason) el.dataset.qualityReason = reason;
+    else delete el.dataset.qualityReason;
   }
+}
+
+/** The badge: the layer received, and why it is less than asked for. */
+function qualityText(q, reason) {
+  if (!q) return "…";
+  if (!reason) return q;
+  return q === "off" ? `paused: ${reason}` : `${q} (${reason})`;
+}
+
+const REASON_TEXT = {
+  bandwidth: "your connection cannot carry more right now",
+  view: "the tile is hidden or small, so less is sent",
+  publisher: "the sender is not sending more",
+};
+
+function qualityTitle(q, reason) {
+  if (!q) return "Waiting for video";
+  const what = q === "off" ? "Video paused" : `Receiving the ${q} layer`;
+  return reason ? `${what}: ${REASON_TEXT[reason] || reason}` : what;
 }
 
 function dropTile(el) {
   const video = el.querySelector("video");
   if (video) {
+    if (video._observedSid && client) client.unobserveTrackElement(video._observedSid, video);
+    video._observedSid = null;
     video._track = null;
     video.srcObject = null;
   }

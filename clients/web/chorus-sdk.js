@@ -9,6 +9,7 @@
 //   await client.publishScreen();
 //   client.unpublish("camera");
 //   client.setTrackQuality(trackSid, "low"); // off | low | medium | high
+//   client.observeTrackElement(trackSid, videoElement); // adaptive stream (see below)
 //   client.leave();
 //
 // Events (CustomEvent, payload in `event.detail`):
@@ -29,12 +30,33 @@
 // (the `a=msid` track id of its m-section is the track sid):
 //   remote-track         {participantSid, trackSid, source, kind, codec, track, stream, mid}
 //   remote-track-removed {participantSid, trackSid, source, kind}
-//   track-quality        {trackSid, quality}   the layer we receive (off|low|medium|high)
+//   track-quality        {trackSid, quality, reason}   the layer we receive (off|low|
+//                                                 medium|high) and why it is less than
+//                                                 we asked for: reason "bandwidth" (our
+//                                                 downlink; off + bandwidth = paused),
+//                                                 "view" (adaptive stream: hidden or small
+//                                                 tile), "publisher" (not sent), or null
+//   publish-layers       {trackSid, source, layers}   dynacast: the simulcast layers of
+//                                                 our own track that someone receives;
+//                                                 the others are no longer encoded
 //   local-track          {source, track, stream, state}  our camera/screen for a preview;
 //                                                 state "pending" until the server accepts
 //                                                 it, then "published" (fires again)
 //   local-track-removed  {source, reason}   "unpublished" | "ended" | "refused"
 //   publish-error        {source, code, message}   the server refused to publish it
+//
+// Adaptive stream (option `adaptiveStream`, on by default): the app hands the SDK the
+// element each remote video track renders in (observeTrackElement); the SDK watches its
+// size and visibility (ResizeObserver, IntersectionObserver) and tells the server
+// (`update_subscription` with `visible`, `width`, `height` in device pixels, debounced),
+// so a hidden tile receives nothing and a small one a low layer. A background tab
+// (document.visibilityState "hidden") pauses every remote video track: audio only until
+// the tab is shown again. Tracks without an observed element are not reported (the
+// server then sends them as if visible, with no size limit).
+//
+// Dynacast: the server's `publish_layers` says which simulcast layers of our own tracks
+// anyone receives; the SDK sets the others' encodings `active: false` (no encoding, no
+// upload) and turns them on again when listed. publishedLayers(trackSid) reads it.
 //
 // Text chat (docs/protocol.md, "Text chat"), over two data channels on the same
 // RTCPeerConnection (created before the one offer, so they need no renegotiation):
@@ -54,6 +76,14 @@ export const PROTOCOL_VERSION = 2;
 /** Video sources a client publishes with publishCamera() / publishScreen(). */
 export const VIDEO_SOURCES = ["camera", "screen"];
 export const QUALITIES = ["off", "low", "medium", "high"];
+/** Why a track arrives below its max_quality (`track_quality.reason`). */
+export const QUALITY_REASONS = ["bandwidth", "view", "publisher"];
+/** Simulcast rid → layer (docs/protocol.md "Publishing"). */
+const RID_LAYERS = { q: "low", h: "medium", f: "high" };
+/** Adaptive stream: wait this long after a tile changes before telling the server. */
+const ADAPTIVE_DEBOUNCE_MS = 250;
+/** ... and only tell it about a size change of more than this fraction. */
+const ADAPTIVE_SIZE_STEP = 0.15;
 
 /**
  * Camera simulcast (docs/protocol.md "Publishing"): rids q/h/f, lowest first, at 1/4, 1/2
@@ -111,6 +141,9 @@ export class ChorusClient extends EventTarget {
    * @param {"udp"|"tcp"|null} [options.turnTransport] keep only TURN URLs of this transport
    * @param {number} [options.pingIntervalMs=10000]
    * @param {number} [options.liveTimeoutMs=30000] socket considered dead without any frame
+   * @param {boolean} [options.adaptiveStream=true] report observed tiles' size and
+   *   visibility (and a background tab) to the server; false: never (every track is
+   *   received as if shown full size)
    */
   constructor(options = {}) {
     super();
@@ -120,6 +153,7 @@ export class ChorusClient extends EventTarget {
       reconnect: true,
       pingIntervalMs: 10_000,
       liveTimeoutMs: 30_000,
+      adaptiveStream: true,
       ...options,
     };
     /** @type {"connecting"|"connected"|"reconnecting"|"disconnected"} */
@@ -184,6 +218,22 @@ export class ChorusClient extends EventTarget {
     this.trackQuality = new Map();
     /** The max_quality we asked for, by track sid. */
     this.subscriptionQuality = new Map();
+    /** Why a remote track arrives below what we asked for (track_quality.reason), by sid. */
+    this.trackQualityReason = new Map();
+    /**
+     * Adaptive stream: remote track sid → {element, intersecting, cssWidth, cssHeight,
+     * sent: the last {visible, width, height} told to the server, timer}.
+     */
+    this._observed = new Map();
+    this._resizeObserver = null;
+    this._intersectionObserver = null;
+    /** Remote tracks without an observed element that a background tab paused. */
+    this._backgroundPaused = new Set();
+    this._onVisibilityChange = () => this._pageVisibilityChanged();
+    /** Dynacast: the layers the server says anyone receives, by our own track sid. */
+    this.publishLayers = new Map();
+    /** Pending setParameters() of each RTCRtpSender (never two at once for one sender). */
+    this._senderChains = new WeakMap();
 
     // Text chat.
     /** @type {RTCDataChannel|null} */
@@ -221,6 +271,9 @@ export class ChorusClient extends EventTarget {
     this._reconnectAttempt = 0;
     this.timings = { connectStart: performance.now() };
     this.chatMessages = new Map();
+    if (this.options.adaptiveStream && typeof document !== "undefined") {
+      document.addEventListener("visibilitychange", this._onVisibilityChange);
+    }
     // Acquire the microphone while the socket connects and the join is processed.
     if (this.options.publish && this.options.audio && !this._micPromise) {
       this._micPromise = this._acquireMic();
@@ -428,6 +481,66 @@ export class ChorusClient extends EventTarget {
     return this._send({ type: "update_subscription", track_sid: String(trackSid), max_quality: quality });
   }
 
+  /**
+   * Adaptive stream: `element` (a <video>, or the tile around it) shows remote video
+   * track `trackSid`. While observed, the server hears (debounced) whether it is visible
+   * (laid out, in the viewport, the tab in front) and its size in device pixels, so a
+   * hidden tile costs nothing and a small one gets a low layer. Observing another element
+   * for the same track replaces the first. Ends with unobserveTrackElement() or when
+   * the track goes away. No-op with `adaptiveStream: false`.
+   */
+  observeTrackElement(trackSid, element) {
+    if (!this.options.adaptiveStream || !element || typeof trackSid !== "string" || !trackSid) return;
+    const old = this._observed.get(trackSid);
+    if (old && old.element === element) return;
+    if (old) this._unobserve(trackSid, old);
+    if (!this._resizeObserver && typeof ResizeObserver === "function") {
+      this._resizeObserver = new ResizeObserver((entries) => {
+        for (const e of entries) this._elementResized(e.target, e.contentRect.width, e.contentRect.height);
+      });
+    }
+    if (!this._intersectionObserver && typeof IntersectionObserver === "function") {
+      this._intersectionObserver = new IntersectionObserver((entries) => {
+        for (const e of entries) this._elementIntersects(e.target, e.isIntersecting);
+      });
+    }
+    const rect = element.getBoundingClientRect ? element.getBoundingClientRect() : { width: 0, height: 0 };
+    const entry = {
+      element,
+      // Both observers report once right after observe(); nothing is sent before.
+      intersecting: this._intersectionObserver ? null : true,
+      cssWidth: this._resizeObserver ? null : rect.width,
+      cssHeight: this._resizeObserver ? null : rect.height,
+      sent: null,
+      timer: null,
+    };
+    // A background tab already paused this track: the first report takes over.
+    if (this._backgroundPaused.delete(trackSid)) entry.sent = { visible: false, width: 0, height: 0 };
+    this._observed.set(trackSid, entry);
+    this._resizeObserver?.observe(element);
+    this._intersectionObserver?.observe(element);
+    this._scheduleView(trackSid, entry);
+  }
+
+  /**
+   * Stop observing the element of `trackSid` (only if it is `element`, when given). The
+   * server keeps what it was last told.
+   */
+  unobserveTrackElement(trackSid, element) {
+    const entry = this._observed.get(trackSid);
+    if (!entry || (element && entry.element !== element)) return;
+    this._unobserve(trackSid, entry);
+  }
+
+  /**
+   * Dynacast: the layers of our own track `trackSid` that some subscriber receives, as
+   * the server last said (`publish_layers`); null before it said anything (all are sent).
+   */
+  publishedLayers(trackSid) {
+    const layers = this.publishLayers.get(trackSid);
+    return layers ? [...layers] : null;
+  }
+
   /** Remote tracks of participant `sid` (all kinds), as the remote-track event gives them. */
   remoteTracksOf(sid) {
     return [...this.remoteTracks.values()].filter((t) => t.participantSid === sid);
@@ -597,8 +710,20 @@ export class ChorusClient extends EventTarget {
         break;
       case "track_quality":
         if (typeof msg.track_sid === "string" && QUALITIES.includes(msg.quality)) {
+          // Unknown reasons pass through as they are (forward compatibility).
+          const reason = typeof msg.reason === "string" && msg.reason ? msg.reason : null;
           this.trackQuality.set(msg.track_sid, msg.quality);
-          this._emit("track-quality", { trackSid: msg.track_sid, quality: msg.quality });
+          if (reason) this.trackQualityReason.set(msg.track_sid, reason);
+          else this.trackQualityReason.delete(msg.track_sid);
+          this._emit("track-quality", { trackSid: msg.track_sid, quality: msg.quality, reason });
+        }
+        break;
+      case "publish_layers":
+        if (typeof msg.track_sid === "string" && Array.isArray(msg.layers)) {
+          const layers = msg.layers.filter((q) => q !== "off" && QUALITIES.includes(q));
+          this.publishLayers.set(msg.track_sid, layers);
+          // Applied now if the track is ours already, else once we learn its sid.
+          this._applyPublishLayers(msg.track_sid);
         }
         break;
       case "dominant_speaker":
@@ -664,6 +789,8 @@ export class ChorusClient extends EventTarget {
       if (!!msg.self?.muted !== this.muted) this._send({ type: "mute", muted: this.muted });
       this._learnSelfTracks();
       this._syncRemoteTracks();
+      // Reports that went to the dead socket: say them again (the server keeps the rest).
+      for (const [sid, entry] of this._observed) this._reportView(sid, entry);
       // An offer of ours that was outstanding when the socket dropped may never have
       // reached the server (or its answer went to the dead socket): start it over.
       if (this._ownOfferPending) this._enqueue(() => this._restartOwnOffer());
@@ -820,6 +947,8 @@ export class ChorusClient extends EventTarget {
     this._offeredSources.clear();
     this._learnRemoteMids(sdp);
     this._syncRemoteTracks();
+    // A negotiation may have (re)created encodings: dynacast applies to them as well.
+    this._applyAllPublishLayers();
     // Changes made while the offer was out, or a server offer we ignored meanwhile (the
     // server sends that one again by itself).
     await this._offerIfNeeded();
@@ -841,6 +970,7 @@ export class ChorusClient extends EventTarget {
     if (pc !== this.pc) return;
     this._send({ type: "answer", sdp: pc.localDescription.sdp });
     this._syncRemoteTracks();
+    this._applyAllPublishLayers();
     await this._offerIfNeeded();
   }
 
@@ -981,6 +1111,16 @@ export class ChorusClient extends EventTarget {
       await tr.sender.replaceTrack(entry.track);
       if (typeof tr.sender.setStreams === "function") tr.sender.setStreams(entry.stream);
       tr.direction = "sendonly";
+      // Dynacast may have switched layers off for the track this transceiver carried; a
+      // new track starts with all of them until the server says otherwise.
+      const sender = tr.sender;
+      await this._withSender(sender, async () => {
+        const params = sender.getParameters();
+        const encodings = params.encodings || [];
+        if (!encodings.some((e) => e.active === false)) return;
+        for (const e of encodings) e.active = true;
+        await sender.setParameters(params);
+      }).catch((e) => console.warn("chorus: could not reactivate the layers", e));
     } else {
       tr = pc.addTransceiver(entry.track, {
         direction: "sendonly",
@@ -997,13 +1137,12 @@ export class ChorusClient extends EventTarget {
       this._sourceTransceivers.set(entry.source, tr);
     }
     if (entry.degradationPreference) {
-      try {
-        const params = tr.sender.getParameters();
+      const sender = tr.sender;
+      await this._withSender(sender, async () => {
+        const params = sender.getParameters();
         params.degradationPreference = entry.degradationPreference;
-        await tr.sender.setParameters(params);
-      } catch (e) {
-        console.warn("chorus: degradationPreference not applied", e);
-      }
+        await sender.setParameters(params);
+      }).catch((e) => console.warn("chorus: degradationPreference not applied", e));
     }
     entry.transceiver = tr;
     entry.state = "pending";
@@ -1035,6 +1174,7 @@ export class ChorusClient extends EventTarget {
   /** Stop a local track and idle its transceiver (kept for reuse). */
   async _dropLocal(entry, reason) {
     if (this.localTracks.get(entry.source) === entry) this.localTracks.delete(entry.source);
+    if (entry.trackSid) this.publishLayers.delete(entry.trackSid);
     entry.track.removeEventListener("ended", entry.onEnded);
     entry.track.stop();
     const tr = entry.transceiver;
@@ -1065,8 +1205,13 @@ export class ChorusClient extends EventTarget {
     const tracks = (this.self && Array.isArray(this.self.tracks)) ? this.self.tracks : [];
     for (const entry of this.localTracks.values()) {
       const t = tracks.find((x) => x.source === entry.source);
-      entry.trackSid = t ? t.sid : null;
+      const sid = t ? t.sid : null;
+      // A publish_layers for the old sid no longer applies (one for the new sid may have
+      // arrived before this participant update: it is kept and applied now).
+      if (entry.trackSid && entry.trackSid !== sid) this.publishLayers.delete(entry.trackSid);
+      entry.trackSid = sid;
     }
+    this._applyAllPublishLayers();
   }
 
   /** The sources whose publication the offer about to go out carries. */
@@ -1204,8 +1349,12 @@ export class ChorusClient extends EventTarget {
       const now = next.get(sid);
       if (now && now.track === old.track && now.participantSid === old.participantSid) continue;
       this.remoteTracks.delete(sid);
+      const observed = this._observed.get(sid);
+      if (observed) this._unobserve(sid, observed);
+      this._backgroundPaused.delete(sid);
       if (!now) {
         this.trackQuality.delete(sid);
+        this.trackQualityReason.delete(sid);
         this.subscriptionQuality.delete(sid);
       }
       this._emit("remote-track-removed", {
@@ -1220,8 +1369,170 @@ export class ChorusClient extends EventTarget {
         continue;
       }
       this.remoteTracks.set(sid, t);
+      // Observed before the track was known: report it now.
+      const observed = this._observed.get(sid);
+      if (observed) this._scheduleView(sid, observed);
       this._emit("remote-track", { ...t });
     }
+  }
+
+  // ------------------------------------------------------------------ adaptive stream (private)
+
+  _unobserve(trackSid, entry) {
+    clearTimeout(entry.timer);
+    entry.timer = null;
+    this._observed.delete(trackSid);
+    if ([...this._observed.values()].some((e) => e.element === entry.element)) return;
+    this._resizeObserver?.unobserve(entry.element);
+    this._intersectionObserver?.unobserve(entry.element);
+  }
+
+  _elementResized(element, width, height) {
+    for (const [sid, entry] of this._observed) {
+      if (entry.element !== element) continue;
+      entry.cssWidth = width;
+      entry.cssHeight = height;
+      this._scheduleView(sid, entry);
+    }
+  }
+
+  _elementIntersects(element, intersecting) {
+    for (const [sid, entry] of this._observed) {
+      if (entry.element !== element) continue;
+      entry.intersecting = intersecting;
+      this._scheduleView(sid, entry);
+    }
+  }
+
+  /** Report `trackSid`'s view once its element has been still for a moment. */
+  _scheduleView(trackSid, entry) {
+    clearTimeout(entry.timer);
+    entry.timer = setTimeout(() => {
+      entry.timer = null;
+      if (this._observed.get(trackSid) === entry) this._reportView(trackSid, entry);
+    }, ADAPTIVE_DEBOUNCE_MS);
+  }
+
+  /**
+   * What the server should know of an observed element: {visible, width, height} (device
+   * pixels), or null while the observers have not reported it yet. A background tab, an
+   * element out of the viewport or not laid out (display: none gives 0x0) is not visible.
+   */
+  _viewOf(entry) {
+    const tabHidden = typeof document !== "undefined" && document.visibilityState === "hidden";
+    if (tabHidden) return { visible: false, width: 0, height: 0 };
+    if (entry.intersecting === null || entry.cssWidth === null || entry.cssHeight === null) return null;
+    const dpr = (typeof window !== "undefined" && window.devicePixelRatio) || 1;
+    const width = Math.round(entry.cssWidth * dpr);
+    const height = Math.round(entry.cssHeight * dpr);
+    return { visible: !!entry.intersecting && width > 0 && height > 0, width, height };
+  }
+
+  /**
+   * Send `update_subscription` for an observed track if its view changed meaningfully
+   * since the last report: visibility flipped, or the size moved by more than 15%.
+   * Only the fields that changed go out (the server keeps the others).
+   */
+  _reportView(trackSid, entry) {
+    const view = this._viewOf(entry);
+    if (!view) return;
+    const track = this.remoteTracks.get(trackSid);
+    if (!track || track.kind !== "video") return; // gone, or not known yet (reported then)
+    const prev = entry.sent;
+    const msg = { type: "update_subscription", track_sid: trackSid };
+    if (!prev || prev.visible !== view.visible) {
+      msg.visible = view.visible;
+      if (view.visible) Object.assign(msg, { width: view.width, height: view.height });
+    } else if (view.visible && (sizeMoved(prev.width, view.width) || sizeMoved(prev.height, view.height))) {
+      Object.assign(msg, { width: view.width, height: view.height });
+    } else {
+      return;
+    }
+    // Socket down: not remembered as sent, so the next change or a resume says it again.
+    if (!this._send(msg)) return;
+    entry.sent = view.visible ? view : { visible: false, width: prev ? prev.width : 0, height: prev ? prev.height : 0 };
+    this.timings.lastViewReport = performance.now();
+  }
+
+  /**
+   * A background tab receives audio only: every remote video track is paused (observed
+   * ones through their view, the others directly), and shown again when the tab is.
+   */
+  _pageVisibilityChanged() {
+    if (!this.options.adaptiveStream || typeof document === "undefined") return;
+    const hidden = document.visibilityState === "hidden";
+    if (hidden) {
+      for (const [sid, t] of this.remoteTracks) {
+        if (t.kind !== "video") continue;
+        const entry = this._observed.get(sid);
+        if (entry) {
+          clearTimeout(entry.timer);
+          entry.timer = null;
+          this._reportView(sid, entry);
+        } else if (!this._backgroundPaused.has(sid)) {
+          if (this._send({ type: "update_subscription", track_sid: sid, visible: false })) this._backgroundPaused.add(sid);
+        }
+      }
+      return;
+    }
+    for (const sid of this._backgroundPaused) {
+      if (this.remoteTracks.has(sid)) this._send({ type: "update_subscription", track_sid: sid, visible: true });
+    }
+    this._backgroundPaused.clear();
+    for (const [sid, entry] of this._observed) {
+      clearTimeout(entry.timer);
+      entry.timer = null;
+      this._reportView(sid, entry);
+    }
+  }
+
+  // ------------------------------------------------------------------ dynacast (private)
+
+  /** Run `fn` after every parameter change queued for `sender` (one at a time). */
+  _withSender(sender, fn) {
+    const run = (this._senderChains.get(sender) || Promise.resolve()).then(fn);
+    this._senderChains.set(sender, run.catch(() => {}));
+    return run;
+  }
+
+  _applyAllPublishLayers() {
+    for (const entry of this.localTracks.values()) {
+      if (entry.trackSid && this.publishLayers.has(entry.trackSid)) this._applyPublishLayers(entry.trackSid);
+    }
+  }
+
+  /**
+   * Encode only the layers of our track `trackSid` that someone receives (the server's
+   * last `publish_layers`): rid q/h/f are low/medium/high; a one-layer track (a screen)
+   * is on while anyone receives it. Waits, keeping the list, while the track's sid or
+   * its negotiated encodings are not known yet.
+   */
+  _applyPublishLayers(trackSid) {
+    const entry = [...this.localTracks.values()].find((e) => e.trackSid === trackSid);
+    if (!entry || !entry.transceiver) return;
+    const tr = entry.transceiver;
+    const sender = tr.sender;
+    this._withSender(sender, async () => {
+      const layers = this.publishLayers.get(trackSid);
+      if (!layers || entry.transceiver !== tr || entry.trackSid !== trackSid) return;
+      const params = sender.getParameters();
+      const encodings = params.encodings || [];
+      if (encodings.length === 0) return; // before negotiation: applied after the answer
+      let changed = false;
+      for (const enc of encodings) {
+        const layer = enc.rid ? RID_LAYERS[enc.rid] : undefined;
+        const active = layer ? layers.includes(layer) : layers.length > 0;
+        if (enc.active !== active) {
+          enc.active = active;
+          changed = true;
+        }
+      }
+      if (changed) await sender.setParameters(params);
+      const key = layers.join(",");
+      if (entry.appliedLayers === key) return;
+      entry.appliedLayers = key;
+      this._emit("publish-layers", { trackSid, source: entry.source, layers: [...layers] });
+    }).catch((e) => console.warn("chorus: could not apply publish_layers", e));
   }
 
   // ------------------------------------------------------------------ chat channels
@@ -1365,6 +1676,9 @@ export class ChorusClient extends EventTarget {
     this._remoteMids.clear();
     this._streamsById.clear();
     this.trackQuality.clear();
+    this.trackQualityReason.clear();
+    // The next peer connection publishes with new track sids and fresh encodings.
+    this.publishLayers.clear();
     for (const entry of this.localTracks.values()) {
       // Published again on the next peer connection (_startMedia), with new track sids.
       entry.transceiver = null;
@@ -1411,6 +1725,9 @@ export class ChorusClient extends EventTarget {
       this._emit("local-track-removed", { source: entry.source, reason: "left" });
     }
     this.subscriptionQuality.clear();
+    for (const [sid, entry] of [...this._observed]) this._unobserve(sid, entry);
+    this._backgroundPaused.clear();
+    if (typeof document !== "undefined") document.removeEventListener("visibilitychange", this._onVisibilityChange);
     this._micPromise = null;
     this._hasSeat = false;
     this.participants.clear();
@@ -1438,6 +1755,12 @@ export class ChorusClient extends EventTarget {
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+/** Whether a tile dimension moved enough (ADAPTIVE_SIZE_STEP) to tell the server. */
+function sizeMoved(before, now) {
+  if (!before) return now > 0;
+  return Math.abs(now - before) / before > ADAPTIVE_SIZE_STEP;
 }
 
 function parseFrame(data) {

@@ -49,7 +49,7 @@ fi
 if [ "$#" -gt 0 ]; then
   TESTS=("$@")
 else
-  TESTS=(voice.test.mjs room.test.mjs audio.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs video.test.mjs video-loss.test.mjs native.test.mjs)
+  TESTS=(voice.test.mjs room.test.mjs audio.test.mjs turn.test.mjs errors.test.mjs chat.test.mjs video.test.mjs video-loss.test.mjs adaptive.test.mjs native.test.mjs)
 fi
 
 # A private network namespace with only loopback: no outside traffic, no port clashes.

@@ -19,6 +19,10 @@ import {
   waitDecoding, waitFramesGrow, videoDiag,
 } from "./lib/video.mjs";
 
+// These tests are about forwarding (layers, switches, codecs), so the pages turn
+// adaptive stream off: with it, the SFU sends the layer that fits each (small) tile,
+// which tests/e2e/adaptive.test.mjs covers.
+const FULL = "?adaptive=0";
 const ROOM = `video-${Date.now().toString(36)}`;
 // `chorus dev` signs with these (see errors.test.mjs); used for a token with sources.
 const DEV_KEY = "devkey";
@@ -98,8 +102,8 @@ function micOnlyToken(identity, name) {
 }
 
 test("two pages each decode the other's camera on the high layer (1280 wide, VP8)", () => diag(async () => {
-  selfA = await joinViaUi(pageA, server.origin, "Ana", ROOM);
-  selfB = await joinViaUi(pageB, server.origin, "Bo", ROOM);
+  selfA = await joinViaUi(pageA, server.origin, "Ana", ROOM, { query: FULL });
+  selfB = await joinViaUi(pageB, server.origin, "Bo", ROOM, { query: FULL });
   const t0 = Date.now();
   await Promise.all([cameraOn(pageA, "A", selfA), cameraOn(pageB, "B", selfB)]);
 
@@ -166,7 +170,7 @@ test("max_quality low: frameWidth <= 320 within 2 s, then back to high, without 
 test("a late joiner sees every running camera at once, and its own camera reaches the others", () => diag(async () => {
   pageC = await newPage(browserC, "C");
   const t0 = Date.now();
-  selfC = await joinViaUi(pageC, server.origin, "Cy", ROOM);
+  selfC = await joinViaUi(pageC, server.origin, "Cy", ROOM, { query: FULL });
   for (const other of [selfA, selfB]) {
     await waitTile(pageC, "C", other.sid, "camera", (t) => !t.self);
     await waitDecoding(pageC, "C", other.sid, "camera", "decoding",
@@ -272,7 +276,7 @@ for (const [codec, name, mime] of [["h264", "Dee", "video/h264"], ["vp9", "Vic",
     const pageD = await newPage(browserC, label);
     extraPages.push([label, pageD]);
     // ?codec=… makes the page's camera offer only that codec (setCodecPreferences).
-    const selfD = await joinViaUi(pageD, server.origin, name, ROOM, { query: `?codec=${codec}` });
+    const selfD = await joinViaUi(pageD, server.origin, name, ROOM, { query: `${FULL}&codec=${codec}` });
     await cameraOn(pageD, label, selfD);
     const row = await waitDecoding(pageB, "B", selfD.sid, "camera", `decoding ${codec}`,
       (r) => r.framesDecoded > 5 && r.mimeType !== null, { timeout: 30_000, interval: 250 });
