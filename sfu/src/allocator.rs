@@ -584,8 +584,10 @@ mod tests {
     fn fast_up_skips_the_hold() {
         use Priority::Camera;
         let d = [cam(1, Camera, Some(2))];
-        let mut a = Allocator::default();
-        a.fast_up = true;
+        let mut a = Allocator {
+            fast_up: true,
+            ..Default::default()
+        };
         let t = run(&mut a, Instant::now(), 100, 300, &d);
         assert_eq!(layers(&a), [Some(0)]);
         run(&mut a, t, 100, 2000, &d);
