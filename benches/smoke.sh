@@ -14,7 +14,7 @@ run() {
   local scenario=$1; shift
   echo "==> loadgen smoke: $scenario $*"
   "$LG" --scenario "benches/scenarios/$scenario.toml" --server-bin "$BIN/chorus" \
-    --duration 3s --ramp 1s --check "$@"
+    --duration "${DURATION:-3s}" --ramp 1s --check "$@"
 }
 run rooms-20x5 --rooms 2 --participants 3
 # 8 > 6 participants: speaker selection is on; all 5 (town hall) or 3 speakers forwarded.
@@ -28,7 +28,7 @@ run rooms-20x5 --rooms 4 --participants 3 --server-arg=--workers --server-arg=2
 # frames from both other cameras on the top layer, with continuous picture ids.
 # 8 s, not 3: the allocator starts each subscriber from its start estimate and moves up
 # as the estimate grows, so the top layer is reached a few seconds after a join.
-run video-4x5 --rooms 1 --participants 3 --duration 8s
+DURATION=8s run video-4x5 --rooms 1 --participants 3
 # The Janus comparison (about 16 s): the same tiny load against chorus dev, then Janus.
 # Janus never gathers ICE candidates on a loopback interface, so the run happens in a
 # private network namespace with a veth address for Janus: every packet stays in it.
