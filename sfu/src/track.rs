@@ -33,6 +33,9 @@ pub struct PubTrack {
     /// each layer was last needed by a subscriber.
     pub sending: u8,
     pub needed_at: [Option<std::time::Instant>; MAX_LAYERS],
+    /// When dynacast last asked for each layer again after stopping it: until the
+    /// publisher's encoder is back, the layer still counts as on offer.
+    pub resumed_at: [Option<std::time::Instant>; MAX_LAYERS],
 }
 
 impl PubTrack {
@@ -58,6 +61,7 @@ impl PubTrack {
             receiver: Receiver::new(),
             sending: 0,
             needed_at: [None; MAX_LAYERS],
+            resumed_at: [None; MAX_LAYERS],
         }
         .with_all_layers_sending()
     }

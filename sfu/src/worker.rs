@@ -83,6 +83,10 @@ struct DownTrack {
     /// allocation pass ([`adapt`]), read per packet.
     limit: Option<u8>,
     limit_reason: Option<QualityReason>,
+    /// The subscriber would take some layer of this track (it shows the tile and its
+    /// cap is not off), granted or not: dynacast keeps the track's lowest layer encoded
+    /// for it, so a drop in its estimate finds that layer live.
+    wants: bool,
     /// The quality (and reason) last reported to the subscriber (`track_quality`).
     reported: Option<(Quality, Option<QualityReason>)>,
     /// (publisher payload type, subscriber payload type) last mapped.
@@ -104,6 +108,7 @@ impl DownTrack {
             // Nothing until the allocator has run for it (on the next tick).
             limit: None,
             limit_reason: None,
+            wants: false,
             reported: None,
             pt_map: None,
             ready: false,

@@ -47,6 +47,10 @@ const STARTUP: Duration = Duration::from_secs(4);
 /// a better allocation fits (no 3 s hold), while the estimate climbs from its start.
 const FAST_UP: Duration = Duration::from_secs(10);
 
+/// How long a layer dynacast asked for again stays on offer before it arrives (the
+/// publisher's signaling round trip and encoder restart take well under this).
+const RESUME_GRACE: Duration = Duration::from_secs(2);
+
 /// What the lowest layer of a track costs before it is measured.
 const UNMEASURED_LOWEST: u64 = 100_000;
 
@@ -58,7 +62,7 @@ fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
     match (source, simulcast, layer) {
         (TrackSource::Screen, false, _) => 2_500_000,
         (_, false, _) => 1_500_000,
-        (_, true, 0) => 150_000,
+        (_, true, 0) => 80_000,
         (_, true, 1) => 500_000,
         _ => 1_500_000,
     }
@@ -258,21 +262,21 @@ impl Worker {
                 // because dynacast stopped it (asking for it starts it again). One the
                 // publisher stopped by itself (its uplink shed it) is not.
                 let stopped_by_us = t.sending & bit == 0;
-                if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us {
+                // Asked for again and on its way: without this the grant that asked for
+                // it vanished until the first packets, and dynacast with it.
+                let resuming = t.resumed_at[l]
+                    .is_some_and(|at| now.saturating_duration_since(at) < RESUME_GRACE);
+                if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us || resuming {
                     let lowest = declared & (bit - 1) == 0;
                     let nominal = nominal_rate(l as u8, t.source, simulcast);
                     let measured = t.receiver.rate(l as u8);
                     *b = Some(if live & bit == 0 && t.receiver.seen(l as u8) {
-                        // Stopped (dynacast): the last windows before it stopped held
-                        // only its tail, and a restarted encoder opens with a keyframe,
-                        // so the measured rate is too low a price: twice it. (The
-                        // nominal rate priced a fake camera's 15 kbit/s low layer out
-                        // of a 400 kbit/s link.) Half a second after it is back, the
-                        // real rate decides.
-                        measured
-                            .unwrap_or(nominal)
-                            .saturating_mul(2)
-                            .max(UNMEASURED_LOWEST)
+                        // Stopped (dynacast): its rate from before it stopped, and a
+                        // quarter more for the keyframe a restarted encoder opens with.
+                        // (Twice it, tried first, kept three cameras that had stopped
+                        // their top layers on the middle one for 20 s after a limit
+                        // lifted.) Half a second after it is back, the real rate decides.
+                        measured.unwrap_or(nominal).saturating_mul(5) / 4
                     } else {
                         measured.unwrap_or(if lowest {
                             // Not measured yet: the lowest layer is never paused on a
@@ -357,6 +361,7 @@ impl Worker {
             };
             let wanted = clip(*declared, d.max_layer);
             dt.limit = if wanted.is_none() { None } else { grant };
+            dt.wants = wanted.is_some();
             dt.limit_reason = if client.is_none() {
                 None
             } else if !visible {
@@ -458,7 +463,8 @@ impl Worker {
     }
 
     /// Dynacast: for each published video track, the layers some subscriber takes, is
-    /// moving to or is granted; a layer nobody needed for [`DYNACAST_HOLD`] is switched
+    /// moving to or is granted, and its lowest layer while anyone would take the track;
+    /// a layer nobody needed for [`DYNACAST_HOLD`] is switched
     /// off at the publisher, and one needed again is switched on at once.
     fn dynacast(&mut self, now: Instant) {
         let mut changes: Vec<(u64, String, Vec<Quality>)> = Vec::new();
@@ -489,6 +495,15 @@ impl Worker {
                         {
                             needs[i] |= 1 << l;
                         }
+                        // Whoever would take the track keeps its lowest layer encoded,
+                        // granted or not: when the estimate drops, the allocator's way
+                        // down (or out of a pause) must find a live layer at once. A
+                        // stopped one costs a round trip to the publisher and a restart
+                        // (measured: 1-2 s of frozen tiles on a 400 kbit/s link while
+                        // the old layers kept overrunning it).
+                        if dt.wants {
+                            needs[i] |= t.declared_layers() & t.declared_layers().wrapping_neg();
+                        }
                     }
                 }
                 let Some(p) = self.participants.get_mut(&pid) else {
@@ -515,6 +530,11 @@ impl Worker {
                         }
                     }
                     if sending != t.sending {
+                        for (l, at) in t.resumed_at.iter_mut().enumerate() {
+                            if sending & !t.sending & (1 << l) != 0 {
+                                *at = Some(now);
+                            }
+                        }
                         t.sending = sending;
                         let simulcast = t.simulcast();
                         let layers = (0..MAX_LAYERS as u8)
