@@ -89,8 +89,11 @@ const ADAPTIVE_SIZE_STEP = 0.15;
  * Camera simulcast (docs/protocol.md "Publishing"): rids q/h/f, lowest first, at 1/4, 1/2
  * and full resolution. A 1280x720 capture gives 320x180, 640x360 and 1280x720.
  */
+// The low layer is what a weak downlink falls back to, several cameras at once: three of
+// them and their microphones must fit a 400 kbit/s link, so 80 kbit/s at 15 fps (at
+// 150 kbit/s and 30 fps three low layers alone overran it and every camera paused).
 const CAMERA_SIMULCAST = [
-  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 80_000, maxFramerate: 15 },
   { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
   { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
 ];
