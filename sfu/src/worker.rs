@@ -83,10 +83,10 @@ struct DownTrack {
     /// allocation pass ([`adapt`]), read per packet.
     limit: Option<u8>,
     limit_reason: Option<QualityReason>,
-    /// The subscriber would take some layer of this track (it shows the tile and its
-    /// cap is not off), granted or not: dynacast keeps the track's lowest layer encoded
-    /// for it, so a drop in its estimate finds that layer live.
-    wants: bool,
+    /// The highest layer the subscriber would take of this track (its cap and its tile
+    /// together), granted or not: dynacast keeps the publisher encoding every layer up to
+    /// it, so that a drop in the estimate and its recovery find live layers.
+    wanted: Option<u8>,
     /// The quality (and reason) last reported to the subscriber (`track_quality`).
     reported: Option<(Quality, Option<QualityReason>)>,
     /// (publisher payload type, subscriber payload type) last mapped.
@@ -108,7 +108,7 @@ impl DownTrack {
             // Nothing until the allocator has run for it (on the next tick).
             limit: None,
             limit_reason: None,
-            wants: false,
+            wanted: None,
             reported: None,
             pt_map: None,
             ready: false,

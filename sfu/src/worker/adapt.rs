@@ -361,7 +361,7 @@ impl Worker {
             };
             let wanted = clip(*declared, d.max_layer);
             dt.limit = if wanted.is_none() { None } else { grant };
-            dt.wants = wanted.is_some();
+            dt.wanted = wanted;
             dt.limit_reason = if client.is_none() {
                 None
             } else if !visible {
@@ -463,8 +463,7 @@ impl Worker {
     }
 
     /// Dynacast: for each published video track, the layers some subscriber takes, is
-    /// moving to or is granted, and its lowest layer while anyone would take the track;
-    /// a layer nobody needed for [`DYNACAST_HOLD`] is switched
+    /// moving to, is granted or would take (its cap and tile allow it); a layer nobody needed for [`DYNACAST_HOLD`] is switched
     /// off at the publisher, and one needed again is switched on at once.
     fn dynacast(&mut self, now: Instant) {
         let mut changes: Vec<(u64, String, Vec<Quality>)> = Vec::new();
@@ -495,14 +494,15 @@ impl Worker {
                         {
                             needs[i] |= 1 << l;
                         }
-                        // Whoever would take the track keeps its lowest layer encoded,
-                        // granted or not: when the estimate drops, the allocator's way
-                        // down (or out of a pause) must find a live layer at once. A
-                        // stopped one costs a round trip to the publisher and a restart
-                        // (measured: 1-2 s of frozen tiles on a 400 kbit/s link while
-                        // the old layers kept overrunning it).
-                        if dt.wants {
-                            needs[i] |= t.declared_layers() & t.declared_layers().wrapping_neg();
+                        // Dynacast follows what subscribers would take (cap and tile),
+                        // not what their estimates grant now: every layer up to it stays
+                        // encoded. Following the grants, a dip in one estimate stopped
+                        // the layers above it, the way down led to layers the publisher
+                        // had to restart (1-2 s of frozen tiles on a 400 kbit/s link), and
+                        // the way back up waited on restarts priced above the estimate
+                        // (a camera left on medium for good in the video e2e test).
+                        if let Some(w) = dt.wanted {
+                            needs[i] |= t.declared_layers() & ((2u16 << w) - 1) as u8;
                         }
                     }
                 }
