@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chorus_protocol::control::{FromNode, ToNode};
 use chorus_protocol::track::{Quality, TrackDecl, TrackInfo, TrackSource};
-use chorus_sfu::worker::Worker;
+use chorus_sfu::worker::{Worker, WorkerConfig};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
@@ -207,12 +207,16 @@ struct Sim {
 
 impl Sim {
     fn new() -> Self {
+        Self::with_config(WorkerConfig::default())
+    }
+
+    fn with_config(config: WorkerConfig) -> Self {
         let sfu_addr: SocketAddr = "10.0.1.100:7882".parse().unwrap();
         let now = Instant::now();
         Sim {
             now,
             start: now,
-            worker: Worker::new(sfu_addr, vec![sfu_addr]),
+            worker: Worker::with_config(sfu_addr, vec![sfu_addr], config),
             sfu_addr,
             clients: Vec::new(),
             tracks: Vec::new(),
@@ -893,6 +897,46 @@ fn dynacast_stops_layers_nobody_takes_and_asks_for_them_again() {
     // subscriber is back on the top layer.
     sim.run(1000);
     assert_eq!(sim.client(2).video.last().unwrap().layer, 2);
+}
+
+#[test]
+fn dynacast_keeps_the_layers_a_bandwidth_limited_subscriber_asked_for() {
+    // The subscriber asks for high, but its downlink (the estimate pinned at 20 kbit/s,
+    // estimation off; this sim's layers cost ~34 kbit/s each) carries none of them after
+    // the 4 s startup floor, so the track is paused for bandwidth: the publisher must keep encoding
+    // every layer, so that room on the link finds them live instead of waiting on a
+    // restart (docs/protocol.md "Dynacast").
+    let mut sim = Sim::with_config(WorkerConfig {
+        initial_estimate_bps: 20_000,
+        bandwidth_estimation: false,
+        ..WorkerConfig::default()
+    });
+    sim.join(1, true, true);
+    sim.join(2, false, true);
+    sim.run(12_000);
+    assert!(
+        sim.publish_layers
+            .iter()
+            .all(|(_, _, _, l)| l.contains(&Quality::High) && l.contains(&Quality::Medium)),
+        "a layer the subscriber asked for was switched off: {:?}",
+        sim.publish_layers
+    );
+    let got = &sim.client(2).video;
+    assert!(
+        !got.is_empty(),
+        "the startup floor forwards the lowest layer"
+    );
+    assert!(
+        got.iter().all(|g| g.layer == 0),
+        "held to the lowest layer by its bandwidth"
+    );
+    let last = got.last().map(|g| g.seq);
+    sim.run(1000);
+    assert_eq!(
+        sim.client(2).video.last().map(|g| g.seq),
+        last,
+        "paused for bandwidth after the startup floor"
+    );
 }
 
 #[test]

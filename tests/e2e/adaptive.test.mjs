@@ -131,13 +131,17 @@ async function measureRates(page, sids, ms = 3000) {
   const [p0, r0] = await Promise.all([Promise.all(pubs.map((p) => sendStats(p.page))), receiveStats(page)]);
   await sleep(ms);
   const [p1, r1] = await Promise.all([Promise.all(pubs.map((p) => sendStats(p.page))), receiveStats(page)]);
+  const fps = [];
   const sent = pubs.map((p, i) => {
     const out = {};
+    const rates = {};
     for (const l of p1[i].layers) {
       if (l.source !== "camera") continue;
       const before = p0[i].layers.find((x) => x.mid === l.mid && x.rid === l.rid);
       out[l.rid ?? "-"] = before ? kbps(before.bytesSent, l.bytesSent, p1[i].at - p0[i].at) : null;
+      rates[l.rid ?? "-"] = before ? Math.round(((l.framesEncoded - before.framesEncoded) * 1000) / (p1[i].at - p0[i].at)) : null;
     }
+    fps.push(rates);
     return out;
   });
   const ms1 = r1.at - r0.at;
@@ -148,6 +152,8 @@ async function measureRates(page, sids, ms = 3000) {
   });
   return {
     sent,
+    fps,
+    encodings: p1.map((s) => s.encodings.camera),
     received,
     audio: kbps(r0.audioBytes, r1.audioBytes, ms1),
     transport: kbps(r0.transportBytes, r1.transportBytes, ms1),
@@ -187,7 +193,17 @@ test("three simulcast cameras reach a subscriber on the high layer", { timeout: 
       `(3 publishers' silence), transport ${free.transport} kbit/s`);
     const lowCost = sum(free.sent.map((s) => s.q ?? 0));
     log(`three low layers cost ${lowCost} kbit/s of payload at the publishers; ` +
-      `with the audio that is ${lowCost + free.audio} kbit/s before RTP/UDP/IP headers (limit ${LIMIT_KBIT} kbit/s)`);
+      `with the audio that is ${lowCost + free.audio} kbit/s before RTP/UDP/IP headers (limit ${LIMIT_KBIT} kbit/s); ` +
+      `frames/s by rid ${JSON.stringify(free.fps)}`);
+    // The SDK's low layer (80 kbit/s, 15 fps) is what lets three cameras fit the limit.
+    for (const [i, enc] of free.encodings.entries()) {
+      const q = (enc || []).find((e) => e.rid === "q");
+      assert.deepEqual([q?.maxBitrate, q?.maxFramerate], [80_000, 15], `${pubs[i].label}: low layer encoding ${JSON.stringify(enc)}`);
+      assert.ok(free.fps[i].q > 0 && free.fps[i].q <= 18, `${pubs[i].label}: low layer at most 15 fps: ${JSON.stringify(free.fps[i])}`);
+      assert.ok(free.sent[i].q <= 125, `${pubs[i].label}: low layer within its 80 kbit/s cap: ${JSON.stringify(free.sent[i])}`);
+    }
+    assert.ok(lowCost + free.audio < LIMIT_KBIT,
+      `three low layers and the audio fit the ${LIMIT_KBIT} kbit/s limit: ${lowCost} + ${free.audio} kbit/s`);
 
 }));
 

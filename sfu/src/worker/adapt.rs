@@ -262,8 +262,9 @@ impl Worker {
                 // because dynacast stopped it (asking for it starts it again). One the
                 // publisher stopped by itself (its uplink shed it) is not.
                 let stopped_by_us = t.sending & bit == 0;
-                // Asked for again and on its way: without this the grant that asked for
-                // it vanished until the first packets, and dynacast with it.
+                // Asked for again and on its way: without this the allocation made when
+                // the user asked for it (a cap raised, a tile shown) lost the layer until
+                // its first packets and took it back only after the 3 s up hold.
                 let resuming = t.resumed_at[l]
                     .is_some_and(|at| now.saturating_duration_since(at) < RESUME_GRACE);
                 if live & bit != 0 || !t.receiver.seen(l as u8) || stopped_by_us || resuming {
@@ -463,8 +464,9 @@ impl Worker {
     }
 
     /// Dynacast: for each published video track, the layers some subscriber takes, is
-    /// moving to, is granted or would take (its cap and tile allow it); a layer nobody needed for [`DYNACAST_HOLD`] is switched
-    /// off at the publisher, and one needed again is switched on at once.
+    /// moving to, is granted or would take (its cap and tile allow it); a layer nobody
+    /// needed for [`DYNACAST_HOLD`] is switched off at the publisher, and one needed
+    /// again is switched on at once.
     fn dynacast(&mut self, now: Instant) {
         let mut changes: Vec<(u64, String, Vec<Quality>)> = Vec::new();
         for members in self.rooms.values() {

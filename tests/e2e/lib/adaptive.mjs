@@ -142,7 +142,7 @@ export function sendStats(page) {
       byMid.set(e.transceiver.mid, e);
       out.published[e.source] = e.trackSid ? c.publishedLayers(e.trackSid) : null;
       out.encodings[e.source] = (e.transceiver.sender.getParameters().encodings || [])
-        .map((x) => ({ rid: x.rid ?? null, active: x.active }));
+        .map((x) => ({ rid: x.rid ?? null, active: x.active, maxBitrate: x.maxBitrate ?? null, maxFramerate: x.maxFramerate ?? null }));
     }
     const stats = await c.pc.getStats();
     stats.forEach((r) => {
