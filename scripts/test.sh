@@ -15,9 +15,6 @@ command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v nft >/dev/null || need_pkgs+=(nftables)          # lossy-link video test: random drops
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
-command -v cc >/dev/null || need_pkgs+=(build-essential)
-command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
-command -v cmake >/dev/null || need_pkgs+=(cmake)          # builds the bundled libopus
 command -v espeak-ng >/dev/null || need_pkgs+=(espeak-ng)  # speech fixtures for audio tests
 command -v xvfb-run >/dev/null || need_pkgs+=(xvfb)          # desktop smoke test: a virtual X display
 command -v xauth >/dev/null || need_pkgs+=(xauth)            # xvfb-run needs it
@@ -38,6 +35,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
 fi
+# What the build needs (C compiler, cmake, pkg-config) comes from the README's first
+# command's own installer, so this build fails on a fresh machine if that list is short.
+bash scripts/dev.sh --install-deps
 # coturn's package starts a turnserver on install on some systems; our tests never use it.
 # Same for janus: the comparison starts its own with a private configuration.
 for svc in coturn janus; do
@@ -52,6 +52,9 @@ echo "==> cargo build --release"
 cargo build --release --workspace --bins
 echo "==> cargo test --release"
 cargo test --release --workspace
+
+echo "==> first run: the README's dev command on a machine without cmake, then for real"
+bash tests/first-run.sh
 
 echo "==> load generator smoke runs"
 bash benches/smoke.sh target/release
