@@ -1,24 +1,33 @@
-//! The Janus peer comparison: a fresh Janus (VideoRoom plugin, audio only, WebSocket
-//! transport on loopback) and simulated participants that talk the Janus API.
+//! The Janus peer comparison: a fresh Janus (VideoRoom plugin, WebSocket transport on
+//! loopback) and simulated participants that talk the Janus API.
 //!
-//! Each participant opens one WebSocket and one Janus session. A talking participant
-//! attaches a publisher handle, joins its room as `publisher` and publishes a
-//! send-only Opus PeerConnection (str0m offers, Janus answers). Every participant
-//! that has someone to hear also attaches a subscriber handle and, once all the other
-//! speakers of its room are publishing, joins as `subscriber` to all of them at once
-//! (Janus 1.x multistream: one PeerConnection, one m-line per feed; Janus offers,
-//! str0m answers). Waiting for the speakers instead of adding feeds with `subscribe`
-//! as they appear keeps the peer simple; the measured window starts after everyone
-//! is connected either way.
+//! Each participant opens one WebSocket and one Janus session. A participant that
+//! talks or has a camera attaches a publisher handle, joins its room as `publisher`
+//! and publishes a send-only PeerConnection (str0m offers, Janus answers): Opus, and
+//! in video scenarios the camera's three-layer VP8 simulcast in the same offer (rids
+//! `q`/`h`/`f`, declared to Janus as lowest first with `rid_order: "lmh"`). Every
+//! participant that has someone to hear or see also attaches a subscriber handle and,
+//! once all the other publishers of its room are up, joins as `subscriber` to all of
+//! them at once (Janus 1.x multistream: one PeerConnection, one m-line per feed and
+//! kind; Janus offers, str0m answers). A subscriber with a cap then asks for the
+//! simulcast substream that matches it on every video m-line with `configure`
+//! (`substream` 0/1/2 for low/medium/high), as a Janus client picks a layer.
+//! Waiting for the publishers instead of adding feeds with `subscribe` as they appear
+//! keeps the peer simple; the measured window starts after everyone is connected
+//! either way. For the same reason the camera is always in the first offer here
+//! (`camera_after` is Chorus-only: turning it on later would need a renegotiation and
+//! a `subscribe` update on every subscriber).
 //!
-//! The media side (clip frames, stamps, receive accounting) is `peer.rs`'s, so the
-//! two servers get the same packets and are measured the same way.
+//! The media side (clip frames, stamps, VP8 packetization, receive accounting) is
+//! `peer.rs`'s and `video.rs`'s, so the two servers get the same packets and are
+//! measured the same way.
+
+mod server;
+
+pub use server::{local_ipv4, start, JanusOptions, JanusServer};
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +43,11 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::peer::{record_outcome, Clip, Pc, PeerResult, Receiver, Sender, Talk};
+use chorus_protocol::track::Quality;
+
+use crate::peer::{record_outcome, Clip, Pc, PeerResult, Receiver, Sender, Talk, VideoSpec};
 use crate::stats::Shared;
+use crate::video::{self, VideoSender};
 
 /// How long one Janus API request may take before the participant gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,212 +59,23 @@ pub fn room_id(r: usize) -> u64 {
     r as u64 + 1
 }
 
-/// A publisher's feed id: its index in the send-time table plus one (0 is not valid).
-pub fn feed_id(publisher: u32) -> u64 {
-    u64::from(publisher) + 1
+/// A publishing participant's feed id: its participant index plus one (0 is not
+/// valid). By participant, not by speaker, because in video scenarios a participant
+/// may publish a camera without talking.
+pub fn feed_id(index: usize) -> u64 {
+    index as u64 + 1
 }
 
-/// Where Debian/Ubuntu and a source build put Janus's plugins and transports.
-const LIB_DIRS: &[&str] = &[
-    "/usr/lib/x86_64-linux-gnu/janus",
-    "/usr/lib/aarch64-linux-gnu/janus",
-    "/usr/lib/janus",
-    "/usr/local/lib/janus",
-    "/opt/janus/lib/janus",
-];
-
-/// How to start Janus.
-pub struct JanusOptions {
-    /// The binary: a name on PATH or a path.
-    pub bin: String,
-    /// `event_loops`: 0 is a thread per PeerConnection (Janus's default).
-    pub event_loops: usize,
-    /// Janus's log level (0–7); 2 is errors only, so logging costs no CPU.
-    pub debug_level: u8,
-    /// Where Janus's output goes (default: its temporary config directory).
-    pub log: Option<PathBuf>,
-    /// The address Janus gathers ICE candidates on (and the peers bind to).
-    pub ip: Ipv4Addr,
-}
-
-/// A Janus process started for one run, with its own config directory.
-pub struct JanusServer {
-    child: Child,
-    pub url: String,
-    dir: PathBuf,
-}
-
-impl JanusServer {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for JanusServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        return Path::new(name).is_file().then(|| PathBuf::from(name));
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// The machine's own (non-loopback) IPv4 address, from the kernel's routing view (a
-/// connected UDP socket sends nothing).
-///
-/// Janus needs one for media: 1.1.2 never gathers ICE candidates on loopback
-/// interfaces (`ice.c` skips `IFF_LOOPBACK`), and libnice pins each media socket to
-/// its interface (`IP_UNICAST_IF`), so a packet from Janus to 127.0.0.1 would be
-/// routed out of that interface to the gateway. So for Janus runs both Janus and the
-/// simulated participants use this address: traffic between two local addresses
-/// never leaves the machine (Linux delivers it through `lo`).
-pub fn local_ipv4() -> anyhow::Result<Ipv4Addr> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    // Any routable address works; nothing is sent.
-    s.connect("192.0.2.1:9").context(
-        "no non-loopback IPv4 route: Janus needs an address besides lo for ICE (see --janus-ip)",
-    )?;
-    match s.local_addr()?.ip() {
-        IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() => Ok(a),
-        other => bail!(
-            "no non-loopback IPv4 address (got {other}): Janus never uses lo for ICE (see --janus-ip)"
-        ),
-    }
-}
-
-/// Starts Janus with a minimal configuration: the VideoRoom plugin and the WebSocket
-/// transport only (on 127.0.0.1), no event handlers or loggers, errors-only logging,
-/// ICE restricted to one local address (`opts.ip`).
-pub fn start(opts: &JanusOptions) -> anyhow::Result<JanusServer> {
-    let bin = opts.bin.as_str();
-    let bin = find_on_path(bin).ok_or_else(|| {
-        anyhow!(
-            "`{bin}` not found: install Janus with `apt-get install janus` (or pass --janus-bin)"
-        )
-    })?;
-    let lib = LIB_DIRS
-        .iter()
-        .map(Path::new)
-        .find(|d| d.join("plugins/libjanus_videoroom.so").is_file())
-        .ok_or_else(|| {
-            anyhow!(
-                "Janus's VideoRoom plugin not found in {}: install it with `apt-get install janus`",
-                LIB_DIRS.join(", ")
-            )
-        })?;
-    let ice_ip = opts.ip;
-    let dir = std::env::temp_dir().join(format!("chorus-loadgen-janus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    for sub in ["plugins", "transports", "none"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    // Folders holding only what this run loads: Janus loads every plugin and
-    // transport it finds, each with its own threads and ports.
-    std::os::unix::fs::symlink(
-        lib.join("plugins/libjanus_videoroom.so"),
-        dir.join("plugins/libjanus_videoroom.so"),
-    )?;
-    std::os::unix::fs::symlink(
-        lib.join("transports/libjanus_websockets.so"),
-        dir.join("transports/libjanus_websockets.so"),
-    )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let d = dir.display();
-    let (debug_level, event_loops) = (opts.debug_level, opts.event_loops);
-    // libnice's own log too at the top level (for ICE trouble).
-    let nice_debug = debug_level >= 7;
-    std::fs::write(
-        dir.join("janus.jcfg"),
-        format!(
-            r#"general: {{
-	configs_folder = "{d}"
-	plugins_folder = "{d}/plugins"
-	transports_folder = "{d}/transports"
-	events_folder = "{d}/none"
-	loggers_folder = "{d}/none"
-	debug_level = {debug_level}
-	session_timeout = 60
-	event_loops = {event_loops}
-}}
-media: {{
-}}
-nat: {{
-	nice_debug = {nice_debug}
-	ice_enforce_list = "{ice_ip}"
-}}
-plugins: {{
-}}
-transports: {{
-}}
-loggers: {{
-}}
-events: {{
-	broadcast = false
-}}
-"#
-        ),
-    )?;
-    std::fs::write(
-        dir.join("janus.transport.websockets.jcfg"),
-        format!(
-            r#"general: {{
-	json = "compact"
-	ws = true
-	ws_port = {port}
-	ws_ip = "127.0.0.1"
-	wss = false
-}}
-admin: {{
-	admin_ws = false
-	admin_wss = false
-}}
-"#
-        ),
-    )?;
-    // No static rooms: the runner creates the scenario's rooms over the API.
-    std::fs::write(dir.join("janus.plugin.videoroom.jcfg"), "general: {\n}\n")?;
-    let log = opts.log.clone().unwrap_or_else(|| dir.join("janus.log"));
-    let out = File::create(&log)?;
-    let child = Command::new(&bin)
-        .arg("-C")
-        .arg(dir.join("janus.jcfg"))
-        .arg("-F")
-        .arg(&dir)
-        .arg("--disable-colors")
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut server = JanusServer {
-        child,
-        url: format!("ws://127.0.0.1:{port}"),
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(server);
-        }
-        if let Ok(Some(status)) = server.child.try_wait() {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("janus exited ({status}) before listening; its log:\n{tail}");
-        }
-        if Instant::now() > deadline {
-            bail!("janus did not listen on port {port} within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+/// The VideoRoom simulcast substream a subscriber with this cap asks for: Janus
+/// numbers them from the lowest (0) to the highest (2), like our rids q/h/f.
+pub fn substream(cap: Quality) -> Option<u8> {
+    match cap {
+        Quality::Low => Some(0),
+        Quality::Medium => Some(1),
+        Quality::High => Some(2),
+        // Nothing to ask Janus for (a subscriber would `configure` with `send: false`);
+        // no scenario caps a subscriber at off.
+        Quality::Off => None,
     }
 }
 
@@ -360,16 +183,16 @@ impl JanusWs {
             .ok_or_else(|| anyhow!("Janus `attach` reply without a handle id: {r}"))
     }
 
-    /// A VideoRoom request on `handle`, with an SDP when there is one.
+    /// A VideoRoom request on `handle`, with a JSEP (see [`jsep`]) when there is one.
     pub async fn message(
         &mut self,
         handle: u64,
         body: Value,
-        jsep: Option<(&str, String)>,
+        jsep: Option<Value>,
     ) -> anyhow::Result<Value> {
         let mut msg = json!({"janus": "message", "handle_id": handle, "body": body});
-        if let Some((kind, sdp)) = jsep {
-            msg["jsep"] = json!({"type": kind, "sdp": sdp});
+        if let Some(j) = jsep {
+            msg["jsep"] = j;
         }
         self.request(msg).await
     }
@@ -406,6 +229,66 @@ impl JanusWs {
     }
 }
 
+/// A JSEP for a request: an SDP offer or answer.
+pub fn jsep(kind: &str, sdp: String) -> Value {
+    json!({"type": kind, "sdp": sdp})
+}
+
+/// The publisher's offer. With simulcast it says in which order the `a=rid` lines list
+/// the layers: Janus assumes highest first (`hml`) unless told, and str0m lists them
+/// as we added them, lowest first (q, h, f). Without it Janus would take `q` for its
+/// substream 2 and every subscriber's `substream` would pick the wrong layer.
+pub fn publish_jsep(sdp: String, simulcast: bool) -> Value {
+    let mut j = jsep("offer", sdp);
+    if simulcast {
+        j["rid_order"] = json!("lmh");
+    }
+    j
+}
+
+/// The `publish` request: the codecs the room was created with, for what is offered.
+pub fn publish_body(audio: bool, video: bool) -> Value {
+    let mut b = json!({"request": "publish"});
+    if audio {
+        b["audiocodec"] = json!("opus");
+    }
+    if video {
+        b["videocodec"] = json!("vp8");
+    }
+    b
+}
+
+/// The `join` of a subscriber to every stream of `feeds` (Janus 1.x multistream).
+pub fn subscribe_body(room: u64, feeds: &[u64]) -> Value {
+    let streams: Vec<Value> = feeds.iter().map(|f| json!({"feed": f})).collect();
+    json!({"request": "join", "ptype": "subscriber", "room": room, "streams": streams})
+}
+
+/// The mids of the video m-lines of a subscription, from the `attached` (or
+/// `updated`) event's `streams`.
+pub fn video_mids(reply: &Value) -> Vec<String> {
+    reply["plugindata"]["data"]["streams"]
+        .as_array()
+        .map(|streams| {
+            streams
+                .iter()
+                .filter(|s| s["type"].as_str() == Some("video"))
+                .filter_map(|s| s["mid"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `configure` that asks for one simulcast substream on each of `mids`: the mid
+/// is needed per stream, as one subscription carries several publishers' video.
+pub fn configure_substream(mids: &[String], substream: u8) -> Value {
+    let streams: Vec<Value> = mids
+        .iter()
+        .map(|m| json!({"mid": m, "substream": substream}))
+        .collect();
+    json!({"request": "configure", "streams": streams})
+}
+
 /// The SDP of a reply's `jsep` of the given type.
 fn jsep_sdp(reply: &Value, kind: &str) -> anyhow::Result<String> {
     let jsep = &reply["jsep"];
@@ -418,9 +301,36 @@ fn jsep_sdp(reply: &Value, kind: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("Janus sent a jsep without sdp"))
 }
 
-/// Creates the scenario's rooms (those that do not exist yet): audio only (Opus), room
-/// for every participant to publish, no recording.
-pub async fn create_rooms(url: &str, rooms: usize, publishers: usize) -> anyhow::Result<()> {
+/// The `create` request of room `r`: Opus (and VP8 in video scenarios), room for every
+/// participant to publish, no recording, the audio-level extension without Janus's
+/// talking events.
+pub fn create_room_body(r: usize, publishers: usize, video: bool) -> Value {
+    let mut b = json!({
+        "request": "create",
+        "room": room_id(r),
+        "description": format!("chorus-loadgen {r}"),
+        "publishers": publishers.max(1),
+        "audiocodec": "opus",
+        "record": false,
+        "audiolevel_ext": true,
+        "notify_joining": false,
+    });
+    if video {
+        // VP8 is the default too; said so that the room cannot end up on another codec.
+        // No `bitrate` cap (0: Janus sends no REMB limit; the cameras ignore it anyway)
+        // and no periodic keyframe requests (`fir_freq` 0), like Chorus.
+        b["videocodec"] = json!("vp8");
+    }
+    b
+}
+
+/// Creates the scenario's rooms (those that do not exist yet), see [`create_room_body`].
+pub async fn create_rooms(
+    url: &str,
+    rooms: usize,
+    publishers: usize,
+    video: bool,
+) -> anyhow::Result<()> {
     let mut ws = JanusWs::connect(url).await?;
     let h = ws.attach().await?;
     for r in 0..rooms {
@@ -431,22 +341,9 @@ pub async fn create_rooms(url: &str, rooms: usize, publishers: usize) -> anyhow:
         if exists["plugindata"]["data"]["exists"].as_bool() == Some(true) {
             continue;
         }
-        ws.message(
-            h,
-            json!({
-                "request": "create",
-                "room": room_id(r),
-                "description": format!("chorus-loadgen {r}"),
-                "publishers": publishers.max(1),
-                "audiocodec": "opus",
-                "record": false,
-                "audiolevel_ext": true,
-                "notify_joining": false,
-            }),
-            None,
-        )
-        .await
-        .with_context(|| format!("creating Janus room {}", room_id(r)))?;
+        ws.message(h, create_room_body(r, publishers, video), None)
+            .await
+            .with_context(|| format!("creating Janus room {}", room_id(r)))?;
     }
     ws.close().await;
     Ok(())
@@ -458,12 +355,16 @@ pub struct JanusSpec {
     /// Scenario room name (for the consistency checks) and Janus room number.
     pub room_name: String,
     pub room: u64,
+    /// Publisher index (the audio stamps' send-time table) when this participant talks.
     pub publisher: Option<u32>,
-    /// Publisher indices of the other speakers of the room: what to subscribe to.
-    pub feeds: Vec<u32>,
+    /// Feed ids of the room's other publishing participants: what to subscribe to.
+    pub feeds: Vec<u64>,
     pub talk: Talk,
     /// The address Janus gathers on: the PCs bind there too (see [`local_ipv4`]).
     pub ip: Ipv4Addr,
+    /// Set in video scenarios: the camera (when this participant has one) and the cap
+    /// to ask for; `camera_after` is not used on Janus (see the module comment).
+    pub video: Option<VideoSpec>,
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -472,6 +373,8 @@ pub async fn run(mut spec: JanusSpec, clip: Arc<Clip>, shared: Arc<Shared>) -> P
         identity: format!("lg{}", spec.index),
         room: spec.room_name.clone(),
         publisher: spec.publisher,
+        camera: spec.video.as_ref().and_then(|v| v.camera),
+        video_cap: spec.video.as_ref().and_then(|v| v.cap),
         ..Default::default()
     };
     let outcome = run_inner(&mut spec, &clip, &shared, &mut result).await;
@@ -488,15 +391,128 @@ async fn feeds_ready(ws: &mut JanusWs, handle: u64, spec: &JanusSpec) -> anyhow:
             None,
         )
         .await?;
-    let list = r["plugindata"]["data"]["participants"]
+    Ok(all_publishing(&r, &spec.feeds))
+}
+
+/// Whether a `listparticipants` reply shows every feed of `feeds` as publishing (its
+/// PeerConnection is up, so every stream of its offer exists).
+fn all_publishing(reply: &Value, feeds: &[u64]) -> bool {
+    let list = reply["plugindata"]["data"]["participants"]
         .as_array()
-        .cloned()
+        .map(Vec::as_slice)
         .unwrap_or_default();
-    Ok(spec.feeds.iter().all(|p| {
-        list.iter().any(|x| {
-            x["id"].as_u64() == Some(feed_id(*p)) && x["publisher"].as_bool() == Some(true)
-        })
-    }))
+    feeds.iter().all(|f| {
+        list.iter()
+            .any(|x| x["id"].as_u64() == Some(*f) && x["publisher"].as_bool() == Some(true))
+    })
+}
+
+/// The publishing side: one PeerConnection with the microphone, the camera or both.
+struct Publisher {
+    pc: Pc,
+    mic: Option<Sender>,
+    camera: Option<VideoSender>,
+}
+
+/// Joins as publisher and publishes what this participant sends (see the module
+/// comment); returns once Janus has answered.
+async fn publish(
+    ws: &mut JanusWs,
+    spec: &JanusSpec,
+    identity: &str,
+    shared: &Shared,
+) -> anyhow::Result<Publisher> {
+    let camera = spec.video.as_ref().and_then(|v| v.camera);
+    let h = ws.attach().await?;
+    ws.message(
+        h,
+        json!({"request": "join", "ptype": "publisher", "room": spec.room,
+               "id": feed_id(spec.index), "display": identity}),
+        None,
+    )
+    .await?;
+    // Video scenarios: RTP mode (the camera packetizes VP8 itself), with the header
+    // extensions Janus needs for rid-based simulcast (mid, rid, repaired rid).
+    let mut pc = match spec.video {
+        Some(_) => Pc::new_video(IpAddr::V4(spec.ip))?,
+        None => Pc::new(IpAddr::V4(spec.ip))?,
+    };
+    let mut api = pc.rtc.sdp_api();
+    let mic = spec
+        .publisher
+        .map(|_| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+    let cam = camera.map(|_| video::add_camera(&mut api));
+    let (offer, pending) = api.apply().context("offer")?;
+    let offered = Instant::now();
+    if let Some(c) = camera {
+        shared.video.published(c, shared.elapsed_ns(offered));
+    }
+    let reply = ws
+        .message(
+            h,
+            publish_body(mic.is_some(), cam.is_some()),
+            Some(publish_jsep(offer.to_sdp_string(), cam.is_some())),
+        )
+        .await?;
+    let answer = jsep_sdp(&reply, "answer")?;
+    tracing::debug!(index = spec.index, offer = %offer, answer = %answer, "publisher SDP");
+    let answer = SdpAnswer::from_sdp_string(&answer)?;
+    pc.rtc.sdp_api().accept_answer(pending, answer)?;
+    ws.trickle_done(h).await?;
+    if cam.is_some() {
+        shared
+            .video
+            .answered(offered.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mic = spec.publisher.zip(mic).map(|(p, mid)| match spec.video {
+        Some(_) => Sender::new_rtp(spec.index, p, mid, spec.talk),
+        None => Sender::new(spec.index, p, mid, spec.talk),
+    });
+    let camera = camera
+        .zip(cam)
+        .map(|(c, mid)| VideoSender::new(spec.index, c, mid));
+    Ok(Publisher { pc, mic, camera })
+}
+
+/// Joins as subscriber to every feed, answers Janus's offer and starts the media; with a
+/// cap, asks for its substream on every video m-line.
+async fn subscribe(
+    ws: &mut JanusWs,
+    handle: u64,
+    spec: &JanusSpec,
+    rx: &mut Receiver,
+    shared: &Shared,
+) -> anyhow::Result<Pc> {
+    rx.video.offered(Instant::now(), shared);
+    let reply = ws
+        .message(handle, subscribe_body(spec.room, &spec.feeds), None)
+        .await?;
+    let mut pc = match spec.video {
+        Some(_) => Pc::new_video(IpAddr::V4(spec.ip))?,
+        None => Pc::new(IpAddr::V4(spec.ip))?,
+    };
+    let offer = jsep_sdp(&reply, "offer")?;
+    let answer = pc
+        .rtc
+        .sdp_api()
+        .accept_offer(SdpOffer::from_sdp_string(&offer)?)?;
+    tracing::debug!(index = spec.index, offer = %offer, answer = %answer, "subscriber SDP");
+    ws.message(
+        handle,
+        json!({"request": "start"}),
+        Some(jsep("answer", answer.to_sdp_string())),
+    )
+    .await?;
+    rx.video.answered(Instant::now(), shared);
+    ws.trickle_done(handle).await?;
+    let cap = spec.video.as_ref().and_then(|v| v.cap);
+    let mids = video_mids(&reply);
+    if let (Some(sub), false) = (cap.and_then(substream), mids.is_empty()) {
+        ws.message(handle, configure_substream(&mids, sub), None)
+            .await
+            .context("configure substream")?;
+    }
+    Ok(pc)
 }
 
 async fn run_inner(
@@ -507,36 +523,13 @@ async fn run_inner(
 ) -> anyhow::Result<()> {
     let mut ws = JanusWs::connect(&spec.url).await?;
     let mut rx = Receiver::default();
+    let has_camera = spec.video.as_ref().is_some_and(|v| v.camera.is_some());
 
-    // Publisher PeerConnection: join as publisher, offer send-only Opus, take the answer.
-    let mut publisher: Option<(Pc, Sender)> = None;
-    if let Some(p) = spec.publisher {
-        let h = ws.attach().await?;
-        ws.message(
-            h,
-            json!({"request": "join", "ptype": "publisher", "room": spec.room,
-                   "id": feed_id(p), "display": result.identity}),
-            None,
-        )
-        .await?;
-        let mut pc = Pc::new(IpAddr::V4(spec.ip))?;
-        let mut api = pc.rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-        let (offer, pending) = api.apply().context("offer")?;
-        let reply = ws
-            .message(
-                h,
-                json!({"request": "publish", "audio_codec": "opus"}),
-                Some(("offer", offer.to_sdp_string())),
-            )
-            .await?;
-        let answer = jsep_sdp(&reply, "answer")?;
-        tracing::debug!(index = spec.index, offer = %offer, answer = %answer, "publisher SDP");
-        let answer = SdpAnswer::from_sdp_string(&answer)?;
-        pc.rtc.sdp_api().accept_answer(pending, answer)?;
-        ws.trickle_done(h).await?;
-        publisher = Some((pc, Sender::new(spec.index, p, mid, spec.talk)));
-    }
+    let mut publisher = if spec.publisher.is_some() || has_camera {
+        Some(publish(&mut ws, spec, &result.identity, shared).await?)
+    } else {
+        None
+    };
     // Subscriber handle, used first to ask which feeds are up.
     let sub_handle = if spec.feeds.is_empty() {
         None
@@ -549,6 +542,8 @@ async fn run_inner(
     let mut counted = false;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut frame_tick = tokio::time::interval(video::FRAME_INTERVAL);
+    frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
@@ -556,25 +551,34 @@ async fn run_inner(
 
     loop {
         let mut deadline = Instant::now() + far;
-        if let Some((pc, _)) = publisher.as_mut() {
-            deadline = deadline.min(pc.drive(&mut rx, shared)?);
+        if let Some(p) = publisher.as_mut() {
+            deadline = deadline.min(p.pc.drive(&mut rx, shared)?);
+            // Janus asks for keyframes (PLI) by substream; the camera answers per rid.
+            for rid in p.pc.keyframe_requests.drain(..) {
+                if let Some(c) = p.camera.as_mut() {
+                    c.request_keyframe(rid, shared);
+                }
+            }
         }
         if let Some(pc) = subscriber.as_mut() {
             deadline = deadline.min(pc.drive(&mut rx, shared)?);
         }
-        let pub_up = publisher.as_ref().is_none_or(|(pc, _)| pc.connected);
+        let pub_up = publisher.as_ref().is_none_or(|p| p.pc.connected);
         let sub_up = sub_handle.is_none() || subscriber.as_ref().is_some_and(|pc| pc.connected);
         if pub_up && sub_up && !counted {
             counted = true;
             shared.connected.fetch_add(1, Ordering::Relaxed);
+            rx.video.ready(Instant::now(), shared);
         }
         if *spec.stop.borrow() {
             break;
         }
-        let talking = publisher.as_ref().is_some_and(|(pc, _)| pc.connected);
+        let sending = publisher.as_ref().is_some_and(|p| p.pc.connected);
+        let talking = sending && publisher.as_ref().is_some_and(|p| p.mic.is_some());
+        let filming = sending && publisher.as_ref().is_some_and(|p| p.camera.is_some());
         let waiting = sub_handle.is_some() && subscriber.is_none();
         tokio::select! {
-            r = Pc::receive_opt(publisher.as_mut().map(|(pc, _)| pc)) => r?,
+            r = Pc::receive_opt(publisher.as_mut().map(|p| &mut p.pc)) => r?,
             r = Pc::receive_opt(subscriber.as_mut()) => r?,
             m = ws.next_unsolicited() => match m? {
                 None => bail!("Janus closed the WebSocket"),
@@ -585,31 +589,26 @@ async fn run_inner(
             },
             _ = poll.tick(), if waiting => {
                 let Some(h) = sub_handle else { continue };
-                if !feeds_ready(&mut ws, h, spec).await? {
-                    continue;
+                if feeds_ready(&mut ws, h, spec).await? {
+                    subscriber = Some(subscribe(&mut ws, h, spec, &mut rx, shared).await?);
                 }
-                let streams: Vec<Value> = spec.feeds.iter().map(|p| json!({"feed": feed_id(*p)})).collect();
-                let reply = ws
-                    .message(h, json!({"request": "join", "ptype": "subscriber", "room": spec.room, "streams": streams}), None)
-                    .await?;
-                let mut pc = Pc::new(IpAddr::V4(spec.ip))?;
-                let offer = jsep_sdp(&reply, "offer")?;
-                let answer = pc.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer)?)?;
-                tracing::debug!(index = spec.index, offer = %offer, answer = %answer, "subscriber SDP");
-                ws.message(h, json!({"request": "start"}), Some(("answer", answer.to_sdp_string())))
-                    .await?;
-                ws.trickle_done(h).await?;
-                subscriber = Some(pc);
             }
             _ = keepalive.tick() => ws.keepalive().await?,
             _ = tick.tick(), if talking => {
-                if let Some((pc, sender)) = publisher.as_mut() {
+                if let Some(Publisher { pc, mic: Some(sender), .. }) = publisher.as_mut() {
                     sender.tick(&mut pc.rtc, clip, shared);
                 }
             }
+            _ = frame_tick.tick(), if filming => {
+                if let (Some(Publisher { pc, camera: Some(cam), .. }), Some(v)) =
+                    (publisher.as_mut(), spec.video.as_ref())
+                {
+                    cam.tick(&mut pc.rtc, &v.clip, shared);
+                }
+            }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                if let Some((pc, _)) = publisher.as_mut() {
-                    pc.timeout()?;
+                if let Some(p) = publisher.as_mut() {
+                    p.pc.timeout()?;
                 }
                 if let Some(pc) = subscriber.as_mut() {
                     pc.timeout()?;
@@ -643,6 +642,115 @@ mod tests {
     fn ids_are_never_zero() {
         assert_eq!(room_id(0), 1);
         assert_eq!(feed_id(0), 1);
-        assert_eq!(feed_id(u32::MAX), u64::from(u32::MAX) + 1);
+        assert_eq!(feed_id(41), 42);
+    }
+
+    #[test]
+    fn video_rooms_are_vp8_and_audio_rooms_say_nothing_of_video() {
+        let b = create_room_body(2, 10, true);
+        assert_eq!(b["room"], 3);
+        assert_eq!(b["publishers"], 10);
+        assert_eq!(b["audiocodec"], "opus");
+        assert_eq!(b["videocodec"], "vp8");
+        let b = create_room_body(0, 0, false);
+        assert_eq!(b["publishers"], 1, "Janus refuses a room for no publisher");
+        assert!(b.get("videocodec").is_none());
+    }
+
+    #[test]
+    fn publish_names_the_codecs_offered_and_the_rid_order_with_simulcast() {
+        assert_eq!(
+            publish_body(true, true),
+            json!({"request": "publish", "audiocodec": "opus", "videocodec": "vp8"})
+        );
+        assert_eq!(
+            publish_body(false, true),
+            json!({"request": "publish", "videocodec": "vp8"})
+        );
+        assert_eq!(
+            publish_body(true, false),
+            json!({"request": "publish", "audiocodec": "opus"})
+        );
+        let j = publish_jsep("v=0\r\n".into(), true);
+        assert_eq!(
+            j,
+            json!({"type": "offer", "sdp": "v=0\r\n", "rid_order": "lmh"})
+        );
+        assert!(publish_jsep("v=0\r\n".into(), false)
+            .get("rid_order")
+            .is_none());
+    }
+
+    /// `rid_order: "lmh"` is only right while str0m writes the `a=rid` lines in the
+    /// order the layers were added (lowest first): Janus numbers its substreams by that
+    /// order, and a swap would silently give every capped subscriber the wrong layer.
+    #[test]
+    fn str0m_offers_the_rids_lowest_first() {
+        let mut rtc = str0m::Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_vp8(true)
+            .build(Instant::now());
+        let mut api = rtc.sdp_api();
+        video::add_camera(&mut api);
+        let (offer, _) = api.apply().expect("an offer");
+        let sdp = offer.to_sdp_string();
+        let rids: Vec<&str> = sdp
+            .lines()
+            .filter_map(|l| l.strip_prefix("a=rid:"))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(rids, video::RIDS);
+        assert!(sdp.contains("a=simulcast:send q;h;f"), "{sdp}");
+    }
+
+    #[test]
+    fn subscribers_join_every_feed_and_configure_a_substream_per_video_mid() {
+        assert_eq!(
+            subscribe_body(1, &[2, 5]),
+            json!({"request": "join", "ptype": "subscriber", "room": 1,
+                   "streams": [{"feed": 2}, {"feed": 5}]})
+        );
+        assert_eq!(
+            configure_substream(&["1".into(), "3".into()], 0),
+            json!({"request": "configure", "streams": [
+                {"mid": "1", "substream": 0}, {"mid": "3", "substream": 0}]})
+        );
+        assert_eq!(substream(Quality::Low), Some(0));
+        assert_eq!(substream(Quality::Medium), Some(1));
+        assert_eq!(substream(Quality::High), Some(2));
+        assert_eq!(substream(Quality::Off), None);
+    }
+
+    #[test]
+    fn video_mids_come_from_the_attached_event() {
+        // Janus 1.1's `attached` reply to a subscriber join, trimmed.
+        let reply = json!({"janus": "event", "plugindata": {"plugin": "janus.plugin.videoroom",
+        "data": {"videoroom": "attached", "room": 1, "streams": [
+            {"type": "audio", "mindex": 0, "mid": "0", "feed_id": 2},
+            {"type": "video", "mindex": 1, "mid": "1", "feed_id": 2, "codec": "vp8"},
+            {"type": "audio", "mindex": 2, "mid": "2", "feed_id": 5},
+            {"type": "video", "mindex": 3, "mid": "3", "feed_id": 5},
+            {"type": "video", "mindex": 4, "feed_id": 7},
+        ]}}});
+        assert_eq!(video_mids(&reply), vec!["1".to_string(), "3".to_string()]);
+        // Anything else (an error, no streams) is no mids, not a panic.
+        assert!(video_mids(&json!({"janus": "event"})).is_empty());
+        assert!(video_mids(&json!({"plugindata": {"data": {"streams": 3}}})).is_empty());
+    }
+
+    #[test]
+    fn feeds_are_ready_when_each_one_publishes() {
+        let list = |ps: Value| json!({"plugindata": {"data": {"participants": ps}}});
+        let r = list(json!([
+            {"id": 1, "publisher": true},
+            {"id": 2, "publisher": false},
+            {"id": 3, "publisher": true},
+        ]));
+        assert!(all_publishing(&r, &[1, 3]));
+        assert!(!all_publishing(&r, &[1, 2]));
+        assert!(!all_publishing(&r, &[4]));
+        assert!(all_publishing(&r, &[]));
+        assert!(!all_publishing(&json!({"janus": "error"}), &[1]));
     }
 }

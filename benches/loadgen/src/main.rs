@@ -5,8 +5,9 @@
 //!
 //! By default it starts a fresh `chorus dev` for the run (so the server's CPU and RSS
 //! can be read from `/proc`); `--url` points it at a running server instead.
-//! `--server janus` runs the same load against a fresh Janus (VideoRoom, audio only),
-//! and `--compare-janus` runs both, one after the other, and compares them.
+//! `--server janus` runs the same load against a fresh Janus (VideoRoom; in video
+//! scenarios with simulcast, each subscriber picking its substream), and
+//! `--compare-janus` runs both, one after the other, and compares them.
 //!
 //! Scenarios with `cameras_per_room` add video: those participants also publish a
 //! three-layer VP8 simulcast camera (`video.rs`), everyone subscribes to it, and the
@@ -37,7 +38,9 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use peer::{Clip, PeerSpec, Talk};
-use report::{print_summary, video_errors, write_report, Comparison, Report, Split};
+use report::{
+    print_summary, video_errors, write_report, Comparison, Report, Split, SplitComparison,
+};
 use stats::{DelayHistogram, Shared};
 
 /// A scenario file (TOML). Command-line flags override its fields.
@@ -140,8 +143,9 @@ struct Args {
     #[arg(long)]
     video_dir: Option<PathBuf>,
     /// Video scenarios: first run the same rooms and participants without cameras,
-    /// then with, and split the server's CPU into audio and video per packet.
-    #[arg(long, conflicts_with_all = ["compare_janus", "url"])]
+    /// then with, and split the server's CPU into audio and video per packet. With
+    /// --compare-janus, both runs on each server, and the ratio of the video parts.
+    #[arg(long, conflicts_with = "url")]
     audio_baseline: bool,
     /// Write the JSON report here ("-" for stdout).
     #[arg(long)]
@@ -155,7 +159,8 @@ struct Args {
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_arg: Vec<String>,
     /// The server to load: a fresh `chorus dev`, or a fresh Janus (VideoRoom plugin,
-    /// audio only, WebSocket API on loopback). With --url, a running one of that kind.
+    /// WebSocket API on loopback; cameras publish VP8 simulcast and subscribers pick a
+    /// substream by their cap). With --url, a running one of that kind.
     #[arg(long, value_enum, default_value_t = ServerKind::Chorus)]
     server: ServerKind,
     /// Run the scenario against a fresh `chorus dev`, then the same load against a
@@ -438,6 +443,12 @@ struct Plan {
     room_cameras: HashMap<String, Vec<u32>>,
 }
 
+/// The `max_quality` participant `i` sets on every camera it receives: the
+/// scenario's `subscriber_caps` in turn (none when the list is empty).
+fn subscriber_cap(sc: &Scenario, i: usize) -> Option<chorus_protocol::track::Quality> {
+    (!sc.subscriber_caps.is_empty()).then(|| sc.subscriber_caps[i % sc.subscriber_caps.len()])
+}
+
 fn room_name(sc: &Scenario, r: usize) -> String {
     format!("{}-{r}", sc.name)
 }
@@ -507,9 +518,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     });
     let clip = Arc::new(load_clip(&audio)?);
     let video = if sc.cameras_per_room > 0 {
-        if args.server == ServerKind::Janus || args.compare_janus {
-            bail!("the Janus runs are audio only: use a scenario without cameras (or --cameras 0)");
-        }
         let dir = video::clip_dir(args.video_dir.as_deref());
         Some(Arc::new(video::VideoClip::load(&dir)?))
     } else {
@@ -521,22 +529,22 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         if media.video.is_none() {
             bail!("--audio-baseline needs a scenario with cameras");
         }
-        let audio_sc = Scenario {
-            cameras_per_room: 0,
-            ..sc.clone()
-        };
-        let (base, base_errors) = run_one(&args, &audio_sc, ServerKind::Chorus, &media).await?;
-        print_summary(&base);
+        if !args.compare_janus {
+            let (split, errors) = split_runs(&args, &sc, args.server, &media).await?;
+            split.print();
+            write_report(args.report.as_deref(), &split)?;
+            return Ok(check(&args, &errors));
+        }
+        let (chorus, chorus_errors) = split_runs(&args, &sc, ServerKind::Chorus, &media).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (with_video, errors) = run_one(&args, &sc, ServerKind::Chorus, &media).await?;
-        print_summary(&with_video);
-        let split = Split::new(base, with_video);
-        split.print();
-        write_report(args.report.as_deref(), &split)?;
-        let errors: Vec<String> = base_errors
+        let (janus, janus_errors) = split_runs(&args, &sc, ServerKind::Janus, &media).await?;
+        let comparison = SplitComparison::new(chorus, janus);
+        comparison.print();
+        write_report(args.report.as_deref(), &comparison)?;
+        let errors: Vec<String> = chorus_errors
             .iter()
-            .map(|e| format!("audio baseline: {e}"))
-            .chain(errors.iter().cloned())
+            .map(|e| format!("chorus: {e}"))
+            .chain(janus_errors.iter().map(|e| format!("janus: {e}")))
             .collect();
         return Ok(check(&args, &errors));
     }
@@ -563,6 +571,31 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .chain(janus_errors.iter().map(|e| format!("janus: {e}")))
         .collect();
     Ok(check(&args, &errors))
+}
+
+/// `--audio-baseline` on one server: the scenario without cameras, then with.
+async fn split_runs(
+    args: &Args,
+    sc: &Scenario,
+    kind: ServerKind,
+    media: &Media,
+) -> anyhow::Result<(Split, Vec<String>)> {
+    let audio_sc = Scenario {
+        cameras_per_room: 0,
+        ..sc.clone()
+    };
+    let (base, base_errors) = run_one(args, &audio_sc, kind, media).await?;
+    print_summary(&base);
+    // Let the machine settle (the server and the peers' sockets are gone).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (with_video, errors) = run_one(args, sc, kind, media).await?;
+    print_summary(&with_video);
+    let errors = base_errors
+        .iter()
+        .map(|e| format!("audio baseline: {e}"))
+        .chain(errors)
+        .collect();
+    Ok((Split::new(base, with_video), errors))
 }
 
 /// With --check, false (exit 1) when the run had problems.
@@ -654,7 +687,13 @@ async fn run_one(
     let pid = server.as_ref().map(Started::pid);
     let rss_idle = pid.and_then(rss_kb);
     if kind == ServerKind::Janus {
-        janus::create_rooms(&url, sc.rooms, sc.participants_per_room).await?;
+        janus::create_rooms(
+            &url,
+            sc.rooms,
+            sc.participants_per_room,
+            video_clip.is_some(),
+        )
+        .await?;
     }
     eprintln!(
         "scenario {}: {} rooms × {} participants ({} talking{} each) = {total} participants, {} measured, joins over {}",
@@ -719,23 +758,24 @@ async fn run_one(
                         camera: cameras[i],
                         camera_after: sc.camera_after,
                         clip: v.clone(),
-                        cap: (!sc.subscriber_caps.is_empty())
-                            .then(|| sc.subscriber_caps[i % sc.subscriber_caps.len()]),
+                        cap: subscriber_cap(sc, i),
                     }),
                     stop: stop_rx.clone(),
                 };
                 tasks.push(tokio::spawn(peer::run(spec, clip.clone(), shared.clone())));
             }
             ServerKind::Janus => {
-                let feeds = room_speakers
-                    .get(&room)
-                    .map(|s| {
-                        s.iter()
-                            .copied()
-                            .filter(|p| Some(*p) != publisher)
-                            .collect()
+                // Everyone else in the room who talks or films is a feed to subscribe to.
+                let feeds = members
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &(rj, pj))| {
+                        j != i
+                            && rj == r
+                            && (pj.is_some() || (video_clip.is_some() && cameras[j].is_some()))
                     })
-                    .unwrap_or_default();
+                    .map(|(j, _)| janus::feed_id(j))
+                    .collect();
                 let spec = janus::JanusSpec {
                     index: i,
                     url: url.clone(),
@@ -745,6 +785,12 @@ async fn run_one(
                     feeds,
                     talk,
                     ip: janus_ip,
+                    video: video_clip.map(|v| peer::VideoSpec {
+                        camera: cameras[i],
+                        camera_after: None,
+                        clip: v.clone(),
+                        cap: subscriber_cap(sc, i),
+                    }),
                     stop: stop_rx.clone(),
                 };
                 tasks.push(tokio::spawn(janus::run(spec, clip.clone(), shared.clone())));

@@ -104,6 +104,8 @@ pub struct PeerResult {
     pub room: String,
     pub publisher: Option<u32>,
     pub camera: Option<u32>,
+    /// The `max_quality` this participant set on every camera it receives (video).
+    pub video_cap: Option<chorus_protocol::track::Quality>,
     /// Packets received per publisher index.
     pub per_publisher: HashMap<u32, u64>,
     pub lost: u64,
@@ -471,6 +473,7 @@ pub async fn run(mut spec: PeerSpec, clip: Arc<Clip>, shared: Arc<Shared>) -> Pe
     let mut result = PeerResult {
         publisher: spec.publisher,
         camera: spec.video.as_ref().and_then(|v| v.camera),
+        video_cap: spec.video.as_ref().and_then(|v| v.cap),
         ..Default::default()
     };
     let outcome = run_inner(&mut spec, &clip, &shared, &mut result).await;

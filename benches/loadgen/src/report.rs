@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
+use chorus_protocol::track::Quality;
 use serde::Serialize;
 
 use crate::{peer, video, video_rx, ServerKind};
@@ -62,9 +63,20 @@ pub fn write_report<T: Serialize>(dest: Option<&str>, report: &T) -> anyhow::Res
     Ok(())
 }
 
+/// The layer (index into [`video::RIDS`]) a subscriber with this cap should end on:
+/// the top one without a cap; none when it asked for nothing.
+pub fn expected_layer(cap: Option<Quality>) -> Option<usize> {
+    match cap {
+        None | Some(Quality::High) => Some(2),
+        Some(Quality::Medium) => Some(1),
+        Some(Quality::Low) => Some(0),
+        Some(Quality::Off) => None,
+    }
+}
+
 /// Video consistency: every subscriber gets complete frames from every other camera of
-/// its room (and none from elsewhere), on the top layer, and the descriptors the SFU
-/// rewrote are continuous.
+/// its room (and none from elsewhere), on the layer it asked for (the top one unless
+/// capped), and the descriptors the SFU rewrote are continuous.
 pub fn video_errors(
     results: &[peer::PeerResult],
     room_cameras: &HashMap<String, Vec<u32>>,
@@ -92,13 +104,20 @@ pub fn video_errors(
                 ));
             }
         }
-        for (c, l) in &r.video.not_high {
-            errors.push(format!(
-                "{} in {} receives camera {c} on layer {}, not the top layer",
-                r.identity,
-                r.room,
-                video::RIDS[usize::from(*l)]
-            ));
+        // The layer it asked for: the top one unless capped.
+        let Some(want) = expected_layer(r.video_cap) else {
+            continue;
+        };
+        for (c, l) in &r.video.last_layers {
+            if usize::from(*l) != want {
+                errors.push(format!(
+                    "{} in {} receives camera {c} on layer {}, not {}",
+                    r.identity,
+                    r.room,
+                    video::RIDS[usize::from(*l)],
+                    video::RIDS[want]
+                ));
+            }
         }
     }
     if total.pid_gaps > 0 {
@@ -316,63 +335,205 @@ impl Comparison {
     }
 
     pub fn print(&self) {
-        let (c, j) = (&self.chorus, &self.janus);
-        let f = |v: Option<f64>, prec: usize| {
-            v.map(|x| format!("{x:.prec$}"))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        // One figure of each run per row; Chorus-only figures say n/a for Janus.
-        let both = |pick: fn(&Report) -> Option<f64>, prec| (f(pick(c), prec), f(pick(j), prec));
-        let rows = [
-            ("", ("Chorus".into(), "Janus".into())),
-            (
-                "server CPU µs / received pkt",
-                both(|r| r.server_cpu_us_per_received_packet, 2),
-            ),
-            (
-                "  of it kernel",
-                both(|r| r.server_sys_us_per_received_packet, 2),
-            ),
-            (
-                "server CPU µs / SFU-counted pkt",
-                (f(c.server_cpu_us_per_forwarded_packet, 2), "n/a".into()),
-            ),
-            ("server CPU, % of a core", both(|r| r.server_cpu_percent, 1)),
-            (
-                "received pkt/s (= forwarded)",
-                both(|r| Some(r.received_pps), 0),
-            ),
-            (
-                "SFU-counted forwarded pkt/s",
-                (f(c.forwarded_pps, 0), "n/a".into()),
-            ),
-            ("end-to-end delay p50 ms", both(|r| r.e2e_delay_ms_p50, 2)),
-            ("end-to-end delay p99 ms", both(|r| r.e2e_delay_ms_p99, 2)),
-            ("loss %", both(|r| Some(r.loss_percent), 3)),
-            (
-                "server RSS KB / participant",
-                both(|r| r.server_rss_kb_per_participant, 0),
-            ),
-            ("failed participants", both(|r| Some(r.failed as f64), 0)),
-        ];
-        eprintln!(
-            "── Janus comparison: {} ({} participants, {} speakers; {:.1} s / {:.1} s measured)",
-            c.scenario, c.participants, c.speakers, c.measured_secs, j.measured_secs
-        );
-        for (what, (a, b)) in rows {
-            eprintln!("  {what:<34} {a:>14} {b:>14}");
-        }
+        print_table(&self.chorus, &self.janus);
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into());
         eprintln!(
             "  Janus / Chorus CPU per packet: {} (kernel part: {})",
-            f(self.janus_over_chorus_cpu_per_packet, 2),
-            f(self.janus_over_chorus_sys_per_packet, 2)
+            f(self.janus_over_chorus_cpu_per_packet),
+            f(self.janus_over_chorus_sys_per_packet)
         );
+    }
+}
+
+/// Both servers' audio-only and video runs (`--audio-baseline --compare-janus`): what a
+/// forwarded video packet costs each, with the mix of audio and video packets (which
+/// differs: Janus forwards every speaker, Chorus only the selected ones in a big room)
+/// taken out.
+#[derive(Debug, Serialize)]
+pub struct SplitComparison {
+    /// Janus's marginal CPU per forwarded video packet over Chorus's.
+    pub janus_over_chorus_video_per_packet: Option<f64>,
+    /// The audio-only runs' CPU per received packet, Janus over Chorus.
+    pub janus_over_chorus_audio_only_per_packet: Option<f64>,
+    /// The video runs' CPU per received packet (all packets), Janus over Chorus.
+    pub janus_over_chorus_all_per_packet: Option<f64>,
+    pub chorus: Split,
+    pub janus: Split,
+}
+
+impl SplitComparison {
+    pub fn new(chorus: Split, janus: Split) -> SplitComparison {
+        let ratio = |j: Option<f64>, c: Option<f64>| match (j, c) {
+            (Some(j), Some(c)) if c > 0.0 => Some(j / c),
+            _ => None,
+        };
+        SplitComparison {
+            janus_over_chorus_video_per_packet: ratio(
+                janus.video_us_per_forwarded_packet,
+                chorus.video_us_per_forwarded_packet,
+            ),
+            janus_over_chorus_audio_only_per_packet: ratio(
+                janus.audio_only.server_cpu_us_per_received_packet,
+                chorus.audio_only.server_cpu_us_per_received_packet,
+            ),
+            janus_over_chorus_all_per_packet: ratio(
+                janus.with_video.server_cpu_us_per_received_packet,
+                chorus.with_video.server_cpu_us_per_received_packet,
+            ),
+            chorus,
+            janus,
+        }
+    }
+
+    pub fn print(&self) {
+        eprint!("Chorus: ");
+        self.chorus.print();
+        eprint!("Janus: ");
+        self.janus.print();
+        print_table(&self.chorus.with_video, &self.janus.with_video);
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into());
+        eprintln!(
+            "  Janus / Chorus CPU per packet: audio only {} · with cameras, all packets {} · \
+             video (marginal per video packet) {}",
+            f(self.janus_over_chorus_audio_only_per_packet),
+            f(self.janus_over_chorus_all_per_packet),
+            f(self.janus_over_chorus_video_per_packet)
+        );
+    }
+}
+
+/// Two runs side by side (Chorus, then Janus), one figure of each per row.
+fn print_table(c: &Report, j: &Report) {
+    let f = |v: Option<f64>, prec: usize| {
+        v.map(|x| format!("{x:.prec$}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    // One figure of each run per row; Chorus-only figures say n/a for Janus.
+    let both = |pick: fn(&Report) -> Option<f64>, prec| (f(pick(c), prec), f(pick(j), prec));
+    let mut rows = vec![
+        ("", ("Chorus".into(), "Janus".into())),
+        (
+            "server CPU µs / received pkt",
+            both(|r| r.server_cpu_us_per_received_packet, 2),
+        ),
+        (
+            "  of it kernel",
+            both(|r| r.server_sys_us_per_received_packet, 2),
+        ),
+        (
+            "server CPU µs / SFU-counted pkt",
+            (f(c.server_cpu_us_per_forwarded_packet, 2), "n/a".into()),
+        ),
+        ("server CPU, % of a core", both(|r| r.server_cpu_percent, 1)),
+        (
+            "received pkt/s (= forwarded)",
+            both(|r| Some(r.received_pps), 0),
+        ),
+        (
+            "SFU-counted forwarded pkt/s",
+            (f(c.forwarded_pps, 0), "n/a".into()),
+        ),
+        ("end-to-end delay p50 ms", both(|r| r.e2e_delay_ms_p50, 2)),
+        ("end-to-end delay p99 ms", both(|r| r.e2e_delay_ms_p99, 2)),
+        ("loss %", both(|r| Some(r.loss_percent), 3)),
+        (
+            "server RSS KB / participant",
+            both(|r| r.server_rss_kb_per_participant, 0),
+        ),
+        ("failed participants", both(|r| Some(r.failed as f64), 0)),
+    ];
+    if let (Some(cv), Some(jv)) = (&c.video, &j.video) {
+        let pair = |pick: &dyn Fn(&video_rx::VideoReport) -> String| (pick(cv), pick(jv));
+        let layers = |v: &video_rx::VideoReport| {
+            let w = &v.window;
+            format!("{}/{}/{}", w.frames_low, w.frames_medium, w.frames_high)
+        };
+        rows.extend([
+            (
+                "video received pkt/s",
+                pair(&|v| format!("{:.0}", v.received_pps)),
+            ),
+            (
+                "audio received pkt/s",
+                pair(&|v| format!("{:.0}", v.audio_received_pps)),
+            ),
+            ("frames (window) by layer q/h/f", pair(&layers)),
+            (
+                "video delay p50 / p99 ms",
+                pair(&|v| format!("{} / {}", f(v.delay_ms_p50, 1), f(v.delay_ms_p99, 1))),
+            ),
+            (
+                "layer switches (run)",
+                pair(&|v| v.total.switches.to_string()),
+            ),
+            (
+                "keyframe requests q/h/f",
+                pair(&|v| {
+                    let k = v.keyframe_requests;
+                    format!("{}/{}/{}", k[0], k[1], k[2])
+                }),
+            ),
+            (
+                "incomplete frames / pid gaps",
+                pair(&|v| format!("{} / {}", v.total.incomplete, v.total.pid_gaps)),
+            ),
+        ]);
+    }
+    eprintln!(
+        "── Janus comparison: {} ({} participants, {} speakers; {:.1} s / {:.1} s measured)",
+        c.scenario, c.participants, c.speakers, c.measured_secs, j.measured_secs
+    );
+    for (what, (a, b)) in rows {
+        eprintln!("  {what:<34} {a:>18} {b:>18}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_subscriber_is_checked_against_its_cap() {
+        assert_eq!(expected_layer(None), Some(2));
+        assert_eq!(expected_layer(Some(Quality::High)), Some(2));
+        assert_eq!(expected_layer(Some(Quality::Medium)), Some(1));
+        assert_eq!(expected_layer(Some(Quality::Low)), Some(0));
+        assert_eq!(expected_layer(Some(Quality::Off)), None);
+        let peer = |cap, last: Vec<(u32, u8)>| peer::PeerResult {
+            identity: "p".into(),
+            room: "r".into(),
+            video_cap: cap,
+            video: video_rx::VideoPeerResult {
+                frames_per_camera: last.iter().map(|(c, _)| (*c, 5)).collect(),
+                last_layers: last,
+            },
+            ..Default::default()
+        };
+        let cameras = HashMap::from([("r".to_string(), vec![0, 1])]);
+        let mut errors = Vec::new();
+        let total = video_rx::VideoCounts::default();
+        video_errors(
+            &[
+                peer(Some(Quality::Low), vec![(0, 0), (1, 0)]),
+                peer(None, vec![(0, 2), (1, 2)]),
+            ],
+            &cameras,
+            &total,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        video_errors(
+            &[peer(Some(Quality::Medium), vec![(0, 1), (1, 2)])],
+            &cameras,
+            &total,
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("camera 1 on layer f, not h"),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn comparison_ratio_is_janus_over_chorus_per_received_packet() {

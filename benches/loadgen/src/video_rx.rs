@@ -193,8 +193,8 @@ struct DownTrack {
 pub struct VideoPeerResult {
     /// Complete frames per camera index.
     pub frames_per_camera: HashMap<u32, u64>,
-    /// (camera, layer) of down tracks whose last frame was not on the top layer.
-    pub not_high: Vec<(u32, u8)>,
+    /// (camera, layer of its last complete frame) per down track.
+    pub last_layers: Vec<(u32, u8)>,
 }
 
 #[derive(Default)]
@@ -466,13 +466,10 @@ impl VideoRx {
     pub fn finish(self) -> VideoPeerResult {
         VideoPeerResult {
             frames_per_camera: self.frames_per_camera,
-            not_high: self
+            last_layers: self
                 .tracks
                 .values()
-                .filter_map(|t| match t.layer {
-                    Some(l) if usize::from(l) + 1 != RIDS.len() => Some((t.camera, l)),
-                    _ => None,
-                })
+                .filter_map(|t| Some((t.camera, t.layer?)))
                 .collect(),
         }
     }
