@@ -12,6 +12,7 @@ pub mod allocator;
 pub mod demux;
 pub mod enhance;
 pub mod fasthash;
+pub mod floor;
 pub mod forwarder;
 pub mod metrics;
 pub mod node;

@@ -653,6 +653,8 @@ impl Worker {
             if self.config.bandwidth_estimation {
                 let start = str0m::bwe::Bitrate::bps(self.config.initial_estimate_bps);
                 builder = builder.enable_bwe(Some(start));
+                // Peer stats carry str0m's raw estimate and the downlink's loss (adapt.rs).
+                builder = builder.set_stats_interval(Some(adapt::PEER_STATS_EVERY));
             }
         }
         let mut rtc = builder.build(now);
@@ -900,6 +902,12 @@ impl Worker {
                     Event::EgressBitrateEstimate(k) => {
                         if let Some(dl) = p.downlink.as_mut() {
                             dl.on_estimate(&k);
+                        }
+                    }
+                    Event::PeerStats(st) => {
+                        if let Some(dl) = p.downlink.as_mut() {
+                            let raw = st.bwe_tx.map(|b| b.as_u64());
+                            dl.on_peer_stats(now, raw, st.egress_loss_fraction);
                         }
                     }
                     Event::IceConnectionStateChange(state) => {
@@ -1158,7 +1166,7 @@ impl Worker {
             let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, payload.clone())
                 .marker(pkt.header.marker)
                 .ext_vals(ext);
-            self.write_down(sid, (from, index), write, payload.len());
+            self.write_down(sid, (from, index), write, payload.len(), false);
         }
         self.scratch = targets;
     }

@@ -12,6 +12,7 @@ use str0m::bwe::{Bitrate, BweKind};
 
 use super::*;
 use crate::allocator::{Allocator, Demand, Priority};
+use crate::floor::{Floor, FloorInput};
 use crate::forwarder::{cap_layer, layer_quality, MAX_LAYERS};
 
 /// Where a subscriber's estimate starts (the default of
@@ -56,6 +57,18 @@ const UNMEASURED_LOWEST: u64 = 100_000;
 
 /// Probing aims at most this far (percent) above the current estimate.
 const PROBE_STEP_PCT: u64 = 150;
+
+/// How often str0m reports its peer stats for a video subscriber: its raw estimate
+/// (what its pacer paces at; the `EgressBitrateEstimate` event is a 3 s average that lags
+/// a collapse by seconds) and the downlink's loss, which the floor decides on.
+pub(super) const PEER_STATS_EVERY: Duration = Duration::from_millis(100);
+
+/// An estimate that has not grown (by more than a tenth) for this long while the
+/// subscriber wants more and nothing is lost is a stalled estimator, which is started
+/// over from it (see [`Downlink::stalled`]); the wait doubles after each restart that
+/// found nothing, up to [`STALL_MAX`], and is back to this once the estimate grows.
+const STALL: Duration = Duration::from_secs(4);
+const STALL_MAX: Duration = Duration::from_secs(32);
 
 /// Bitrates assumed for layers not measured yet (what the web SDK asks the encoder for).
 fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
@@ -146,6 +159,17 @@ pub(super) struct Downlink {
     /// Tracks paused for bandwidth now; switches counted so far.
     paused: u64,
     switches: (u64, u64),
+    /// The lowest-layer floor between the estimate and the allocator.
+    floor: Floor,
+    /// The estimate when it last moved by more than a tenth, since when, and how long
+    /// it may stay there before the estimator is started over (see [`STALL`]).
+    stall: (u64, Instant, Duration),
+    /// Reused: the lowest-layer rates of the running tracks, in priority order, and
+    /// that order (priority, index into the demands).
+    running: Vec<u64>,
+    order: Vec<(Priority, usize)>,
+    /// When str0m last reported its raw estimate in peer stats.
+    raw_at: Option<Instant>,
 }
 
 impl Downlink {
@@ -169,7 +193,59 @@ impl Downlink {
             next_stats: now + STATS_EVERY,
             paused: 0,
             switches: (0, 0),
+            floor: Floor::default(),
+            stall: (initial_estimate, now, STALL),
+            running: Vec::new(),
+            order: Vec::new(),
+            raw_at: None,
         }
+    }
+
+    /// str0m's peer stats: its raw estimate and the loss on the subscriber's downlink
+    /// over the last second. A collapse of the estimate allocates at once.
+    pub fn on_peer_stats(&mut self, now: Instant, raw: Option<u64>, loss: Option<f32>) {
+        if let Some(l) = loss {
+            self.floor.on_loss(now, l);
+        }
+        if let Some(r) = raw {
+            self.raw_at = Some(now);
+            self.twcc = true;
+            if r.saturating_mul(4) < self.estimate.saturating_mul(3) {
+                self.dirty = true;
+            }
+            self.estimate = r;
+        }
+    }
+
+    /// Whether str0m's estimator has stalled and should start over from its estimate.
+    /// Why: it can only grow to 1.5x what it sees acknowledged, and its probes fire only
+    /// while the sender is application-limited (under 65% of the estimate). The
+    /// allocator fills 85% of it, so after a limit is lifted the estimate stayed at
+    /// ~320 kbit/s on a free link for over 20 s, the cameras on their lowest layers. A
+    /// new start probes at once (at up to three times the estimate: twice the desired
+    /// rate, which is at most 1.5x the estimate) and finds the room if there is any.
+    fn stalled(&mut self, now: Instant, wanted: u64) -> bool {
+        let (base, since, wait) = self.stall;
+        if self.estimate.saturating_mul(10) > base.saturating_mul(11) {
+            // It grew: a probe found room, or the link did.
+            self.stall = (self.estimate, now, STALL);
+            return false;
+        }
+        if self.estimate.saturating_mul(10) < base.saturating_mul(9) {
+            self.stall = (self.estimate, now, wait);
+            return false;
+        }
+        let lossless = self.floor.loss() < 0.02;
+        let want_more = wanted > self.estimate.saturating_mul(115) / 100;
+        if !want_more || !lossless {
+            self.stall.1 = now;
+            return false;
+        }
+        if now.saturating_duration_since(since) < wait {
+            return false;
+        }
+        self.stall = (self.estimate, now, (wait * 2).min(STALL_MAX));
+        true
     }
 
     /// A new estimate from str0m.
@@ -177,7 +253,10 @@ impl Downlink {
         match kind {
             BweKind::Twcc { estimate, .. } => {
                 self.twcc = true;
-                self.estimate = estimate.as_u64();
+                // The smoothed estimate only until peer stats bring the raw one.
+                if self.raw_at.is_none() {
+                    self.estimate = estimate.as_u64();
+                }
             }
             BweKind::Remb { estimate, .. } if !self.twcc => self.estimate = estimate.as_u64(),
             _ => {}
@@ -335,7 +414,8 @@ impl Worker {
         }
         let mut budget = dl.estimate.saturating_sub(dl.audio_bps);
         dl.alloc.fast_up = now.saturating_duration_since(dl.started) < FAST_UP;
-        if now.saturating_duration_since(dl.started) < STARTUP {
+        let starting = now.saturating_duration_since(dl.started) < STARTUP;
+        if starting {
             // Joining a room of many cameras: everyone's lowest layer at first, whatever
             // the starting estimate says; a link that cannot carry it shows within
             // seconds and the allocator pauses then.
@@ -346,8 +426,57 @@ impl Worker {
                 .sum();
             budget = budget.max(lowest * (100 + 15) / 100);
         }
+        // The lowest-layer floor (floor.rs): the tracks that run now, in the order the
+        // allocator hands out lowest layers (priority, then key).
+        let mut running = std::mem::take(&mut dl.running);
+        let mut order = std::mem::take(&mut dl.order);
+        running.clear();
+        order.clear();
+        let mut settled = true;
+        for (i, d) in demands.iter().enumerate() {
+            let Some(grant) = dl.alloc.layer(d.key) else {
+                continue;
+            };
+            if d.max_layer.is_none() {
+                continue;
+            }
+            order.push((d.priority, i));
+            if s.downtracks
+                .get(&d.key)
+                .is_some_and(|dt| dt.video.current_layer() > Some(grant))
+            {
+                settled = false;
+            }
+        }
+        order.sort_by_key(|(p, i)| (std::cmp::Reverse(*p), *i));
+        running.extend(
+            order
+                .iter()
+                .filter_map(|(_, i)| demands[*i].bitrates.iter().flatten().next()),
+        );
+        // Only where loss is measured (transport-wide feedback): the floor decides on it.
+        if !starting && dl.twcc {
+            budget = dl.floor.update(FloorInput {
+                now,
+                video_estimate: budget,
+                granted: dl.alloc.granted_bps(&demands),
+                lowest: &running,
+                settled,
+            });
+        }
+        dl.running = running;
+        dl.order = order;
 
-        dl.alloc.update(now, budget, &demands);
+        if dl.alloc.update(now, budget, &demands) {
+            // Each change of what this subscriber gets, for reading a shaped-link run.
+            debug!(
+                participant = id,
+                estimate = dl.estimate,
+                budget,
+                layers = ?dl.alloc.grants().iter().map(|g| g.layer).collect::<Vec<_>>(),
+                "allocation"
+            );
+        }
         let sw = dl.alloc.switches();
         let (up, down) = (sw.up - dl.switches.0, sw.down - dl.switches.1);
         dl.switches = (sw.up, sw.down);
@@ -362,6 +491,7 @@ impl Worker {
             };
             let wanted = clip(*declared, d.max_layer);
             dt.limit = if wanted.is_none() { None } else { grant };
+
             dt.wanted = wanted;
             dt.limit_reason = if client.is_none() {
                 None
@@ -391,7 +521,17 @@ impl Worker {
         // nothing fitted.
         let wanted = (video_wanted * (100 + PROBE_MARGIN_PCT) / 100 + dl.audio_bps)
             .min(dl.estimate.saturating_mul(PROBE_STEP_PCT) / 100);
+        let wanted = if dl.floor.holds() {
+            // The floor sends more than the estimate: no probes on top, which would only
+            // add loss on a link that is full (the loss decides whether the floor stays).
+            wanted.min(dl.estimate / 2)
+        } else {
+            wanted
+        };
         dl.probing = video_wanted + dl.audio_bps > dl.estimate;
+        let restart =
+            (!dl.floor.holds() && dl.twcc && dl.stalled(now, video_wanted + dl.audio_bps))
+                .then_some(dl.estimate);
         let desired_changed = wanted.abs_diff(dl.desired) * 100 > dl.desired * DESIRED_CHANGE_PCT;
         if desired_changed {
             dl.desired = wanted;
@@ -408,8 +548,20 @@ impl Worker {
         });
         dl.demands = demands;
         dl.info = info;
-        if desired_changed {
+        let (floor, loss, sheds) = (dl.floor.holds(), dl.floor.loss(), dl.floor.sheds);
+        if let Some(r) = restart {
+            debug!(
+                participant = id,
+                restart = r,
+                floor,
+                "estimator starts over"
+            );
+        }
+        if desired_changed || restart.is_some() {
             let r = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(r) = restart {
+                    s.rtc.bwe().reset(Bitrate::bps(r));
+                }
                 s.rtc.bwe().set_desired_bitrate(Bitrate::bps(wanted));
             }));
             if r.is_err() {
@@ -423,6 +575,9 @@ impl Worker {
                 granted = stats.allocated_bps,
                 actual = stats.actual_bps,
                 wanted,
+                floor,
+                loss,
+                sheds,
                 "downlink"
             );
             stats.tracks = self.receive_tracks(id);
@@ -641,6 +796,39 @@ mod tests {
             assert_eq!(vp8_keyframe_dims(junk), None);
         }
         assert_eq!(vp8_keyframe_dims(&p[..p.len() - 1]), None, "truncated");
+    }
+
+    #[test]
+    fn a_stalled_estimate_starts_the_estimator_over() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut dl = Downlink::new(t0, 320_000);
+        let want = 1_500_000;
+        assert!(!dl.stalled(s(3), want));
+        assert!(dl.stalled(s(4), want), "4 s without growth, more wanted");
+        // Nothing found: 8 s until the next one, then 16 s.
+        assert!(!dl.stalled(s(11), want));
+        dl.estimate = 340_000; // a wobble under a tenth is no growth
+        assert!(dl.stalled(s(12), want));
+        assert!(!dl.stalled(s(27), want));
+        assert!(dl.stalled(s(28), want));
+        // Nothing more wanted, or packets lost (it is the link): the clock starts over.
+        assert!(!dl.stalled(s(40), 350_000));
+        dl.on_peer_stats(s(55), None, Some(0.05));
+        assert!(!dl.stalled(s(60), want), "losing packets");
+        dl.on_peer_stats(s(61), None, Some(0.0));
+        assert!(!dl.stalled(s(62), want), "the clock started over at 60 s");
+        assert!(dl.stalled(s(92), want), "32 s at most");
+        // Growth brings the wait back to 4 s.
+        dl.estimate = 900_000;
+        assert!(!dl.stalled(s(93), want));
+        assert!(!dl.stalled(s(96), want));
+        assert!(dl.stalled(s(97), want));
+        // A fall restarts the clock but keeps the wait.
+        dl.estimate = 400_000;
+        assert!(!dl.stalled(s(98), want));
+        assert!(!dl.stalled(s(105), want));
+        assert!(dl.stalled(s(106), want));
     }
 
     #[test]

@@ -3,18 +3,7 @@
 //! and glare between the two (the client's offer wins; ours is made again after).
 
 use super::*;
-
-/// Each video down track's send buffer for answering NACKs: at most this many packets
-/// and this old.
-const RTX_PACKETS: usize = 1000;
-const RTX_AGE: Duration = Duration::from_secs(1);
-
-/// Queued resends are dropped when they would be more than this share of what a down
-/// track sends. With the pacer that bandwidth estimation brings, the NACKs after an
-/// outage queue up behind it, and str0m's default (0.15) then threw away every resend
-/// of a 1.3 s gap (the sim test `nacks_are_answered_…` caught it); the pacer already
-/// bounds the total to the subscriber's estimate.
-const RTX_RATIO_CAP: f32 = 0.5;
+use video::fresh_send_buffer;
 
 impl Worker {
     pub(super) fn client_offer(&mut self, now: Instant, id: u64, sdp: &str, decls: Vec<TrackDecl>) {
@@ -100,7 +89,15 @@ impl Worker {
                         // decoder (it has asked for a keyframe by then), and the bound
                         // keeps each video down track's send buffer small.
                         if let Some(tx) = p.rtc.direct_api().stream_tx_by_mid(dt.mid, None) {
-                            tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, Some(RTX_RATIO_CAP));
+                            fresh_send_buffer(tx);
+                            // Forwarded as it arrives (the publisher's own pacer spaced
+                            // it), not held to str0m's pacer: that pacer sends at 1.1x
+                            // the estimate and queues the rest for up to 2 s, so when a
+                            // downlink collapsed the lowest layers the allocator switched
+                            // to waited behind seconds of stale higher layers (tiles froze
+                            // for 2-6 s on a 400 kbit/s link). The estimate still steers
+                            // what is forwarded; probes still go through the pacer.
+                            tx.set_unpaced(true);
                         }
                     }
                     dt.ready = true;

@@ -60,6 +60,27 @@ fn vp8_pid_is_15_bit(payload: &[u8]) -> bool {
     payload.len() > 2 && payload[0] & 0x80 != 0 && payload[1] & 0x80 != 0 && payload[2] & 0x80 != 0
 }
 
+/// Each video down track's send buffer for answering NACKs: at most this many packets
+/// and this old.
+const RTX_PACKETS: usize = 1000;
+const RTX_AGE: Duration = Duration::from_secs(1);
+
+/// Queued resends are dropped when they would be more than this share of what a down
+/// track sends. After an outage the NACKs come all at once, and str0m's default (0.15)
+/// threw away every resend of a 1.3 s gap (the sim test `nacks_are_answered_…` caught
+/// it).
+const RTX_RATIO_CAP: f32 = 0.5;
+
+/// A video down track's send buffer, empty: when it is set up, and at each layer switch.
+/// Why at a switch: what was sent of the old layer is of no use once the new layer's
+/// keyframe is on its way, and after a downlink collapsed, answering the subscriber's
+/// NACKs for the old (larger) layer filled the link again, so the new layer's keyframe
+/// was lost too and the tile stayed frozen for 2 more seconds, until the browser gave up
+/// and asked for another.
+pub(super) fn fresh_send_buffer(tx: &mut str0m::rtp::StreamTx) {
+    tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, Some(RTX_RATIO_CAP));
+}
+
 impl Worker {
     /// Which of `from`'s tracks (index into its `tracks`) and layer a packet on `ssrc`
     /// belongs to.
@@ -135,14 +156,23 @@ impl Worker {
             };
             let write = RtpWrite::new(pt, rw.seq.into(), rw.ts, pkt.timestamp, pkt.payload.clone())
                 .marker(pkt.header.marker);
-            self.write_down(sid, (from, index), write, pkt.payload.len());
+            self.write_down(sid, (from, index), write, pkt.payload.len(), false);
         }
         self.scratch = targets;
     }
 
     /// Writes one packet (`len` payload bytes) on a subscriber's down track and marks
     /// the subscriber for polling.
-    pub(super) fn write_down(&mut self, sid: u64, key: TrackKey, write: RtpWrite, len: usize) {
+    /// `switched`: the first packet of a new layer (a keyframe): the down track's send
+    /// buffer starts afresh (see [`fresh_send_buffer`]).
+    pub(super) fn write_down(
+        &mut self,
+        sid: u64,
+        key: TrackKey,
+        write: RtpWrite,
+        len: usize,
+        switched: bool,
+    ) {
         let Some(s) = self.participants.get_mut(&sid) else {
             return;
         };
@@ -160,6 +190,9 @@ impl Worker {
             let mut api = s.rtc.direct_api();
             match api.stream_tx_by_mid(mid, None) {
                 Some(tx) => {
+                    if switched {
+                        fresh_send_buffer(tx);
+                    }
                     tx.write_rtp(write);
                     true
                 }
@@ -324,7 +357,9 @@ impl Worker {
             if restarted && dt.video.current_layer() == Some(layer) {
                 dt.video.restart();
             }
+            let before = dt.video.current_layer();
             let out = dt.video.forward(&input);
+            let switched = before.is_some() && dt.video.current_layer() != before;
             if let Some(l) = dt.video.wants_keyframe() {
                 want |= 1 << l;
             }
@@ -369,7 +404,7 @@ impl Worker {
                     Err(e) => debug!("VP8 descriptor left as is: {e}"),
                 }
             }
-            self.write_down(sid, (from, index), write, payload.len());
+            self.write_down(sid, (from, index), write, payload.len(), switched);
         }
         self.scratch = targets;
         for l in 0..3u8 {
