@@ -38,7 +38,9 @@ mkdir -p fixtures
 [ -s fixtures/tone-a-440.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-a-440.wav synth 5 sine 440 gain -6
 [ -s fixtures/tone-b-880.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-b-880.wav synth 5 sine 880 gain -6
 [ -s fixtures/tone-c-660.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/tone-c-660.wav synth 5 sine 660 gain -6
-[ -s fixtures/silence.wav ] || sox -n -r 48000 -c 1 -b 16 fixtures/silence.wav trim 0 5
+# Digital silence, written every run (-D: no dither; sox's default dither leaves a 1-LSB
+# noise that a silent microphone does not have and that keeps Opus DTX off).
+sox -D -n -r 48000 -c 1 -b 16 fixtures/silence.wav trim 0 5
 # Speech then silence, for the speaking indicator (Chromium loops the file).
 if [ ! -s fixtures/speech-then-silence.wav ]; then
   espeak-ng -s 150 -w fixtures/speech-raw.wav "Hello everyone, can you hear me? This is a test of the speaking indicator, one two three."
