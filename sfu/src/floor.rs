@@ -36,8 +36,11 @@ pub struct FloorConfig {
     /// judged: str0m reports the loss of the last second, so this leaves half a second
     /// for what was sent before to be reported.
     pub judge_after: Duration,
-    /// The share of packets lost that says the link cannot carry the floor.
+    /// The share of packets lost that says the link cannot carry the floor, when every
+    /// report says so for this long (one report's second of loss can be one burst: a
+    /// shed camera stays paused until the estimate has room again).
     pub max_loss: f32,
+    pub sustained: Duration,
 }
 
 impl Default for FloorConfig {
@@ -48,6 +51,7 @@ impl Default for FloorConfig {
             collapse_loss: 0.20,
             judge_after: Duration::from_millis(1500),
             max_loss: 0.10,
+            sustained: Duration::from_millis(500),
         }
     }
 }
@@ -67,6 +71,18 @@ pub struct FloorInput<'a> {
     pub settled: bool,
 }
 
+/// The floor's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloorOutput {
+    /// The budget for video the allocator should use.
+    pub budget: u64,
+    /// A collapse just happened: start the estimator over from what the floor sends.
+    /// Why: a collapse seen in the loss can leave the estimate far above the link (it
+    /// had only fallen from 3 Mbit/s to ~1 Mbit/s on the 400 kbit/s link), and the
+    /// allocator went up again on it, into the next collapse, every few seconds.
+    pub restart: bool,
+}
+
 /// The lowest-layer floor of one subscriber.
 #[derive(Debug, Clone)]
 pub struct Floor {
@@ -81,6 +97,8 @@ pub struct Floor {
     peak: Option<(u64, Instant)>,
     /// The loss that made the floor shed a track last, while it holds.
     shed_at_loss: Option<f32>,
+    /// Since when (report time) every judged report has been over the loss limit.
+    lossy_since: Option<Instant>,
     /// Tracks shed because their lowest layers were lost (for logs).
     pub sheds: u64,
     /// Collapses seen (for logs).
@@ -101,6 +119,7 @@ impl Floor {
             loss: None,
             peak: None,
             shed_at_loss: None,
+            lossy_since: None,
             sheds: 0,
             collapses: 0,
         }
@@ -121,8 +140,17 @@ impl Floor {
         self.hold.is_some()
     }
 
-    /// The budget for video the allocator should use now.
-    pub fn update(&mut self, i: FloorInput) -> u64 {
+    /// Decides for this allocation.
+    pub fn update(&mut self, i: FloorInput) -> FloorOutput {
+        let collapses = self.collapses;
+        let budget = self.decide(i);
+        FloorOutput {
+            budget,
+            restart: self.collapses > collapses,
+        }
+    }
+
+    fn decide(&mut self, i: FloorInput) -> u64 {
         let cfg = self.config;
         let Some((judge_at, keep)) = self.hold else {
             return self.off(i);
@@ -140,7 +168,20 @@ impl Floor {
             self.hold = Some((judge_at.max(i.now + cfg.judge_after), keep));
             return kept;
         }
-        match self.loss.filter(|(at, _)| *at >= judge_at).map(|l| l.1) {
+        let judged = self.loss.filter(|(at, _)| *at >= judge_at);
+        self.lossy_since = match judged {
+            Some((at, l)) if l >= cfg.max_loss => Some(self.lossy_since.unwrap_or(at)),
+            Some(_) => None,
+            None => self.lossy_since.filter(|since| *since >= judge_at),
+        };
+        let sustained = self
+            .lossy_since
+            .is_some_and(|since| judged.is_some_and(|(at, _)| at >= since + cfg.sustained));
+        match judged.map(|l| l.1) {
+            Some(l) if l >= cfg.max_loss && !sustained => {
+                self.hold = Some((judge_at, keep));
+                kept
+            }
             Some(l)
                 if l >= cfg.max_loss && self.shed_at_loss.is_some_and(|s| l * 5.0 > s * 4.0) =>
             {
@@ -155,6 +196,7 @@ impl Floor {
                 // and judge the rest afresh.
                 self.sheds += 1;
                 self.shed_at_loss = Some(l);
+                self.lossy_since = None;
                 self.hold = Some((i.now + cfg.judge_after, keep - 1));
                 i.lowest[..keep - 1].iter().sum()
             }
@@ -215,6 +257,7 @@ mod tests {
     struct Run {
         floor: Floor,
         t0: Instant,
+        seen_collapses: u64,
     }
 
     impl Run {
@@ -222,6 +265,7 @@ mod tests {
             Run {
                 floor: Floor::default(),
                 t0: Instant::now(),
+                seen_collapses: 0,
             }
         }
 
@@ -244,14 +288,20 @@ mod tests {
             settled: bool,
         ) -> u64 {
             let lowest: Vec<u64> = lowest.iter().map(|l| l * K).collect();
-            let budget = self.floor.update(FloorInput {
+            let out = self.floor.update(FloorInput {
                 now: self.at(ms),
                 video_estimate: estimate * K,
                 granted: granted * K,
                 lowest: &lowest,
                 settled,
             });
-            budget / K
+            assert_eq!(
+                out.restart,
+                self.floor.collapses > self.seen_collapses,
+                "a restart exactly at each collapse"
+            );
+            self.seen_collapses = self.floor.collapses;
+            out.budget / K
         }
 
         fn loss(&mut self, ms: u64, loss: f32) {
@@ -311,19 +361,30 @@ mod tests {
         let mut r = Run::new();
         let three = [90, 90, 90];
         assert_eq!(r.step(0, 400, 2000, &three), 270);
-        // Judged from 1.5 s on: 25% lost sheds the third track.
+        // Judged from 1.5 s on: 25% lost for half a second sheds the third track; one
+        // report alone, or an interrupted run of them, does not.
         r.loss(1600, 0.25);
-        assert_eq!(r.step(1600, 100, 270, &three), 180);
+        assert_eq!(r.step(1600, 100, 270, &three), 270);
+        r.loss(1800, 0.05);
+        assert_eq!(r.step(1800, 100, 270, &three), 270);
+        r.loss(1900, 0.25);
+        assert_eq!(r.step(1900, 100, 270, &three), 270);
+        r.loss(2300, 0.3);
+        assert_eq!(r.step(2300, 100, 270, &three), 270);
+        r.loss(2400, 0.25);
+        assert_eq!(r.step(2400, 100, 270, &three), 180);
         // The allocator paused it: two run now. Their judging starts afresh, so a report
         // inside the next 1.5 s does not count.
         let two = [90, 90];
-        r.loss(2500, 0.3);
-        assert_eq!(r.step(2500, 100, 180, &two), 180);
-        r.loss(3200, 0.15);
-        assert_eq!(r.step(3200, 100, 180, &two), 90);
+        r.loss(3500, 0.3);
+        assert_eq!(r.step(3500, 100, 180, &two), 180);
+        r.loss(4000, 0.15);
+        assert_eq!(r.step(4000, 100, 180, &two), 180);
+        r.loss(4500, 0.15);
+        assert_eq!(r.step(4500, 100, 180, &two), 90);
         let one = [90];
-        r.loss(4800, 0.0);
-        assert_eq!(r.step(4800, 100, 90, &one), 100, "fits: off");
+        r.loss(6100, 0.0);
+        assert_eq!(r.step(6100, 100, 90, &one), 100, "fits: off");
         assert_eq!(r.floor.sheds, 2);
     }
 
@@ -333,13 +394,15 @@ mod tests {
         let three = [90, 90, 90];
         assert_eq!(r.step(0, 400, 2000, &three), 270);
         r.loss(1600, 0.12);
-        assert_eq!(r.step(1600, 100, 270, &three), 180);
+        assert_eq!(r.step(1600, 100, 270, &three), 270);
+        r.loss(2100, 0.12);
+        assert_eq!(r.step(2100, 100, 270, &three), 180);
         // Still 11% lost with one camera fewer: a lossy link, not a full one.
         let two = [90, 90];
-        r.loss(3200, 0.11);
-        assert_eq!(r.step(3200, 100, 180, &two), 180);
-        r.loss(6000, 0.13);
-        assert_eq!(r.step(6000, 100, 180, &two), 180);
+        for ms in (3700..=6000).step_by(100) {
+            r.loss(ms, 0.11);
+            assert_eq!(r.step(ms, 100, 180, &two), 180);
+        }
         assert_eq!(r.floor.sheds, 1);
         assert!(r.floor.holds());
     }
@@ -353,8 +416,10 @@ mod tests {
         assert_eq!(r.step_settled(2500, 100, 270, &three, false), 270);
         r.loss(3000, 0.5);
         assert_eq!(r.step(3000, 100, 270, &three), 270);
-        r.loss(4100, 0.5);
-        assert_eq!(r.step(4100, 100, 270, &three), 180);
+        r.loss(4000, 0.5);
+        assert_eq!(r.step(4000, 100, 270, &three), 270);
+        r.loss(4500, 0.5);
+        assert_eq!(r.step(4500, 100, 270, &three), 180);
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn nominal_rate(layer: u8, source: TrackSource, simulcast: bool) -> u64 {
     match (source, simulcast, layer) {
         (TrackSource::Screen, false, _) => 2_500_000,
         (_, false, _) => 1_500_000,
-        (_, true, 0) => 80_000,
+        (_, true, 0) => 60_000,
         (_, true, 1) => 500_000,
         _ => 1_500_000,
     }
@@ -455,14 +455,22 @@ impl Worker {
                 .filter_map(|(_, i)| demands[*i].bitrates.iter().flatten().next()),
         );
         // Only where loss is measured (transport-wide feedback): the floor decides on it.
+        let mut restart = None;
         if !starting && dl.twcc {
-            budget = dl.floor.update(FloorInput {
+            let out = dl.floor.update(FloorInput {
                 now,
                 video_estimate: budget,
                 granted: dl.alloc.granted_bps(&demands),
                 lowest: &running,
                 settled,
             });
+            budget = out.budget;
+            if out.restart {
+                // From what the floor sends, with the audio and a tenth for headers.
+                let r = (budget + dl.audio_bps).saturating_mul(110) / 100;
+                dl.estimate = r;
+                restart = Some(r);
+            }
         }
         dl.running = running;
         dl.order = order;
@@ -473,6 +481,8 @@ impl Worker {
                 participant = id,
                 estimate = dl.estimate,
                 budget,
+                loss = dl.floor.loss(),
+                floor = dl.floor.holds(),
                 layers = ?dl.alloc.grants().iter().map(|g| g.layer).collect::<Vec<_>>(),
                 "allocation"
             );
@@ -529,9 +539,10 @@ impl Worker {
             wanted
         };
         dl.probing = video_wanted + dl.audio_bps > dl.estimate;
-        let restart =
+        let restart = restart.or_else(|| {
             (!dl.floor.holds() && dl.twcc && dl.stalled(now, video_wanted + dl.audio_bps))
-                .then_some(dl.estimate);
+                .then_some(dl.estimate)
+        });
         let desired_changed = wanted.abs_diff(dl.desired) * 100 > dl.desired * DESIRED_CHANGE_PCT;
         if desired_changed {
             dl.desired = wanted;

@@ -65,11 +65,13 @@ fn vp8_pid_is_15_bit(payload: &[u8]) -> bool {
 const RTX_PACKETS: usize = 1000;
 const RTX_AGE: Duration = Duration::from_secs(1);
 
-/// Queued resends are dropped when they would be more than this share of what a down
-/// track sends. After an outage the NACKs come all at once, and str0m's default (0.15)
-/// threw away every resend of a 1.3 s gap (the sim test `nacks_are_answered_…` caught
-/// it).
-const RTX_RATIO_CAP: f32 = 0.5;
+/// Resends are dropped while they are more than this share of what a down track sent in
+/// the last second: video is forwarded unpaced, so this is what keeps NACKs on a full link
+/// from snowballing (with no cap, the resends of a 400 kbit/s link's losses were lost in
+/// turn and asked for again until 60-80% of everything was lost for seconds). Low enough
+/// that three low layers and their resends fit that link; str0m's default (0.15) threw
+/// away every resend of a 1.3 s gap (the sim test `nacks_are_answered_…` caught it).
+const RTX_RATIO_CAP: f32 = 0.35;
 
 /// A video down track's send buffer, empty: when it is set up, and at each layer switch.
 /// Why at a switch: what was sent of the old layer is of no use once the new layer's
@@ -77,7 +79,13 @@ const RTX_RATIO_CAP: f32 = 0.5;
 /// NACKs for the old (larger) layer filled the link again, so the new layer's keyframe
 /// was lost too and the tile stayed frozen for 2 more seconds, until the browser gave up
 /// and asked for another.
+///
+/// The resend share starts afresh too (str0m keeps its byte counts across a new buffer
+/// unless the cap is switched off in between): counted over the last second, the old
+/// layer's resends kept it over the cap after a collapse, so the NACKs for the new
+/// keyframe's lost packets went unanswered as well.
 pub(super) fn fresh_send_buffer(tx: &mut str0m::rtp::StreamTx) {
+    tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, None);
     tx.set_rtx_cache(RTX_PACKETS, RTX_AGE, Some(RTX_RATIO_CAP));
 }
 
