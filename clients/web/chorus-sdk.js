@@ -90,10 +90,12 @@ const ADAPTIVE_SIZE_STEP = 0.15;
  * and full resolution. A 1280x720 capture gives 320x180, 640x360 and 1280x720.
  */
 // The low layer is what a weak downlink falls back to, several cameras at once: three of
-// them and their microphones must fit a 400 kbit/s link, so 80 kbit/s at 15 fps (at
-// 150 kbit/s and 30 fps three low layers alone overran it and every camera paused).
+// them must fit a 400 kbit/s link with room to spare, so 60 kbit/s at 15 fps. Chromium's
+// encoder sends ~20% over its cap with keyframes: at 80 kbit/s three low layers took 300
+// kbit/s and lost packets on every keyframe burst (at 150 kbit/s and 30 fps they alone
+// overran the link and every camera paused).
 const CAMERA_SIMULCAST = [
-  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 80_000, maxFramerate: 15 },
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 60_000, maxFramerate: 15 },
   { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
   { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
 ];
