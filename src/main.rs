@@ -206,10 +206,18 @@ struct SignalingArgs {
 
 #[derive(Args)]
 struct SfuArgs {
-    /// Signaling's control-plane address (its --control-listen).
-    #[arg(long, env = "CHORUS_SIGNALING")]
-    signaling: SocketAddr,
-    /// PEM certificate of signaling's control plane to trust.
+    /// Signaling's control-plane address (its --control-listen). Repeat it (env:
+    /// comma-separated) to register with several signaling instances sharing one
+    /// --redis: each seats its own clients' participants on this node.
+    #[arg(
+        long = "signaling",
+        env = "CHORUS_SIGNALING",
+        value_delimiter = ',',
+        required = true
+    )]
+    signaling: Vec<SocketAddr>,
+    /// PEM certificate(s) of signaling's control plane to trust (concatenate the
+    /// instances' certificates when each made its own).
     #[arg(long, env = "CHORUS_CONTROL_CA")]
     control_ca: PathBuf,
     /// Shared node secret (signaling's --node-secret).
@@ -468,7 +476,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     .await?;
     let node = Node::start(NodeConfig {
         node_id: "dev-node".into(),
-        signaling: sig.control_addr,
+        signaling: vec![sig.control_addr],
         control_ca_pem: sig.control_cert_pem.clone(),
         node_secret,
         media_listen,
@@ -647,7 +655,7 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sfu-{}", &random_secret()[..8]));
     let node = Node::start(NodeConfig {
         node_id: node_id.clone(),
-        signaling: a.signaling,
+        signaling: a.signaling.clone(),
         control_ca_pem: pem,
         node_secret: a.node_secret,
         media_listen: a.media_listen,
@@ -657,7 +665,7 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
     })
     .await?;
     eprintln!(
-        "SFU node {node_id} serving media on {:?}, registering with {}",
+        "SFU node {node_id} serving media on {:?}, registering with {:?}",
         node.media_addrs, a.signaling
     );
     if let Some(addr) = a.metrics {
