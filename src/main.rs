@@ -200,6 +200,12 @@ struct SignalingArgs {
     /// Lifetime of minted TURN credentials.
     #[arg(long, default_value = "6h", value_parser = humantime::parse_duration, env = "CHORUS_TURN_TTL")]
     turn_ttl: Duration,
+    /// Share rooms, presence, placement, room settings and chat with every signaling
+    /// instance using this Redis (redis://[user:password@]HOST:PORT[/DB]), so clients
+    /// may connect to any instance. Without it this instance keeps its state in memory
+    /// (chat history and room settings in --data-dir).
+    #[arg(long, env = "CHORUS_REDIS")]
+    redis: Option<String>,
     #[command(flatten)]
     chat: ChatArgs,
 }
@@ -470,6 +476,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ice_servers: vec![],
         turn: turn_rest,
         chat_db: a.chat.store_path(),
+        redis: None,
         chat: a.chat.chat_config(),
         allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })
@@ -626,6 +633,7 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
         ice_servers,
         turn,
         chat_db: a.chat.store_path(),
+        redis: a.redis.clone(),
         chat: a.chat.chat_config(),
         allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })

@@ -36,6 +36,7 @@ async fn start_signaling(grace: Duration, chat_db: Option<std::path::PathBuf>) -
         ice_servers: vec![],
         turn: None,
         chat_db,
+        redis: None,
         chat: Default::default(),
         allow_enhanced_audio: true,
     })
