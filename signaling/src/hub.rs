@@ -566,6 +566,8 @@ fn sender_of(seat: &Seat) -> Sender {
 }
 
 #[cfg(test)]
+mod fleet_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod video_tests;
