@@ -269,11 +269,11 @@ fn clients_on_two_instances_share_a_room_over_redis() {
     let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         rt.block_on(share_a_room(a.http, b.http))
     }));
-    if ok.is_err() {
+    if let Err(panic) = ok {
         for p in procs {
             eprintln!("---- {} ----\n{}", p.log.display(), p.log());
         }
-        std::panic::resume_unwind(ok.unwrap_err());
+        std::panic::resume_unwind(panic);
     }
     // Everyone left: the room is gone from both instances' view.
     wait_until("the room empties everywhere", &procs, || {
