@@ -122,9 +122,12 @@ struct LocalSeat {
     /// Bumped on every disconnect so a stale grace timer does not remove a seat that
     /// was resumed (and perhaps dropped again) in the meantime.
     disconnect_epoch: u64,
-    /// The seat changed since the last write to the shared state; `writing`: a task is
-    /// writing it (it writes again until the seat is clean, so writes never reorder).
+    /// The seat changed since the last write to the shared state; `announce`: in a way
+    /// clients see (mute, speaking, tracks), so the write is broadcast as
+    /// `participant_updated`; `writing`: a task is writing it (it writes again until the
+    /// seat is clean, so writes never reorder).
     dirty: bool,
+    announce: bool,
     writing: bool,
 }
 
@@ -481,6 +484,7 @@ impl Hub {
             receive: None,
             disconnect_epoch: 0,
             dirty: false,
+            announce: false,
             writing: false,
         };
         self.first_message(local, s, session, room, resumed, pending);

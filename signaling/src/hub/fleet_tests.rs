@@ -374,7 +374,19 @@ async fn chat_crosses_instances_and_a_late_joiner_gets_the_history(mut f: Fleet)
         history.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
         ["hello from A", "hi from B"]
     );
-    // Deleting on B reaches ana on A.
+    // Opening a chat channel is nothing other clients are shown.
+    for p in [ana, bo] {
+        f.drain(p);
+        assert!(
+            !f.got[&p]
+                .iter()
+                .flatten()
+                .any(|m| matches!(m, ServerMessage::ParticipantUpdated { .. })),
+            "{:?}",
+            f.got[&p]
+        );
+    }
+    // Deleting on A reaches cy on B.
     let id = history[0].id;
     f.chat(0, ana, &format!(r#"{{"type":"delete","id":{id}}}"#))
         .await;

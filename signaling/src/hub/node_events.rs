@@ -78,6 +78,7 @@ impl Hub {
                 return;
             }
             s.dirty = true;
+            s.announce = true;
         }
         self.write_seat(participant).await;
     }

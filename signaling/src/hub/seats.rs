@@ -102,6 +102,7 @@ impl Hub {
                 s.seat.speaking = false;
             }
             s.dirty = true;
+            s.announce = true;
             self.nodes
                 .send(&s.seat.node, ToNode::SetMuted { participant, muted });
         }
@@ -270,9 +271,14 @@ impl Hub {
                     return;
                 }
                 s.dirty = false;
-                s.seat.clone()
+                (s.seat.clone(), std::mem::take(&mut s.announce))
             };
-            match self.state.update_seat(&self.instance, &seat).await {
+            let (seat, announce) = seat;
+            match self
+                .state
+                .update_seat(&self.instance, &seat, announce)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => debug!(participant, "seat update for a seat no longer ours"),
                 Err(e) => warn!(participant, "seat update not stored: {e}"),

@@ -226,7 +226,7 @@ impl SharedState for MemoryState {
         })
     }
 
-    async fn update_seat(&self, instance: &str, seat: &Seat) -> StateResult<bool> {
+    async fn update_seat(&self, instance: &str, seat: &Seat, announce: bool) -> StateResult<bool> {
         let mut st = self.lock();
         let Some(slot) = st
             .rooms
@@ -238,7 +238,9 @@ impl SharedState for MemoryState {
         };
         slot.seat = seat.clone();
         let owned = slot.clone();
-        st.publish(&seat.room, EventKind::Updated(owned));
+        if announce {
+            st.publish(&seat.room, EventKind::Updated(owned));
+        }
         Ok(true)
     }
 

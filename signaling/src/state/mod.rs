@@ -252,9 +252,10 @@ pub trait SharedState: Send + Sync + 'static {
     /// is taken here, atomically: two instances never place one room twice.
     async fn join(&self, req: JoinRequest<'_>, id: u64) -> StateResult<JoinOutcome>;
 
-    /// Writes a seat its owner changed and publishes `Updated`. False (nothing written)
-    /// when the seat is gone or `instance` no longer owns it.
-    async fn update_seat(&self, instance: &str, seat: &Seat) -> StateResult<bool>;
+    /// Writes a seat its owner changed and, when `announce` (a change clients see),
+    /// publishes `Updated`. False (nothing written) when the seat is gone or `instance`
+    /// no longer owns it.
+    async fn update_seat(&self, instance: &str, seat: &Seat, announce: bool) -> StateResult<bool>;
 
     /// Removes a seat `instance` owns and publishes `Left`; the room's placement goes
     /// with its last seat. The removed seat, or `None` if it was gone or owned elsewhere.

@@ -134,7 +134,7 @@ publish(channel, room, seq, '{"joined":{"instance":' .. cjson.encode(instance) .
 return reply('seated', '"seat":' .. seat .. ',"replaced":' .. replaced .. ',')
 "#;
 
-/// KEYS: seats owners seq   ARGV: room id instance seat-json channel
+/// KEYS: seats owners seq   ARGV: room id instance seat-json channel announce(0/1)
 const UPDATE: &str = r#"
 local seats, owners, seqk = KEYS[1], KEYS[2], KEYS[3]
 local room, id, instance, json, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -142,6 +142,7 @@ if redis.call('HGET', owners, id) ~= instance or redis.call('HEXISTS', seats, id
   return 0
 end
 redis.call('HSET', seats, id, json)
+if ARGV[6] ~= '1' then return 1 end
 local seq = redis.call('INCR', seqk)
 publish(channel, room, seq, '{"updated":{"instance":' .. cjson.encode(instance) .. ',"seat":' .. json .. '}}')
 return 1
@@ -486,7 +487,7 @@ impl SharedState for RedisState {
         })
     }
 
-    async fn update_seat(&self, instance: &str, seat: &Seat) -> StateResult<bool> {
+    async fn update_seat(&self, instance: &str, seat: &Seat, announce: bool) -> StateResult<bool> {
         let json = serde_json::to_string(seat).map_err(|e| corrupt("seat", e))?;
         let n: i64 = self
             .scripts
@@ -499,6 +500,7 @@ impl SharedState for RedisState {
             .arg(instance)
             .arg(json)
             .arg(&self.channel)
+            .arg(if announce { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;

@@ -217,7 +217,7 @@ async fn seat_changes_reach_every_instance_in_order(f: Fleet) {
     let (mut bo, snap_b) = seat(&f.b, req("r", "bo", "B", &n)).await;
     assert!(snap_b.seq > snap_a.seq);
     bo.muted = true;
-    assert!(f.b.update_seat("B", &bo).await.unwrap());
+    assert!(f.b.update_seat("B", &bo, true).await.unwrap());
     f.a.remove_seat("A", "r", ana.id, "left").await.unwrap();
     for seen in [&f.seen_a, &f.seen_b] {
         let evs = wait_events(seen, 4).await;
@@ -322,7 +322,7 @@ async fn only_the_owner_writes_or_removes_a_seat(f: Fleet) {
     let n = nodes(&["n1"]);
     let (mut ana, _) = seat(&f.a, req("r", "ana", "A", &n)).await;
     ana.speaking = true;
-    assert!(!f.b.update_seat("B", &ana).await.unwrap());
+    assert!(!f.b.update_seat("B", &ana, true).await.unwrap());
     assert_eq!(
         f.b.remove_seat("B", "r", ana.id, "left").await.unwrap(),
         None
@@ -336,13 +336,28 @@ async fn only_the_owner_writes_or_removes_a_seat(f: Fleet) {
         codec: "opus".into(),
         layers: vec![],
     });
-    assert!(f.a.update_seat("A", &ana).await.unwrap());
+    assert!(f.a.update_seat("A", &ana, true).await.unwrap());
     let snap = f.b.room("r").await.unwrap();
     assert_eq!(snap.seats[0].seat, ana, "B reads what A wrote");
+    // A change clients do not see is stored without an event.
+    ana.chat_ready = true;
+    assert!(f.a.update_seat("A", &ana, false).await.unwrap());
+    assert!(f.b.room("r").await.unwrap().seats[0].seat.chat_ready);
+    ana.muted = true;
+    assert!(f.a.update_seat("A", &ana, true).await.unwrap());
+    let evs = wait_events(&f.seen_b, 3).await;
+    let updates: Vec<bool> = evs
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Updated(s) => Some(s.seat.muted),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, [false, true], "only the announced writes: {evs:?}");
     let gone = f.a.remove_seat("A", "r", ana.id, "left").await.unwrap();
     assert_eq!(gone.map(|s| s.id), Some(ana.id));
     assert!(
-        !f.a.update_seat("A", &ana).await.unwrap(),
+        !f.a.update_seat("A", &ana, true).await.unwrap(),
         "a removed seat stays removed"
     );
 }
