@@ -98,10 +98,10 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(st): State<AppState>) -> Respons
 async fn metrics(State(st): State<AppState>) -> Response {
     let s = st.hub.stats();
     let body = format!(
-        "# HELP chorus_signaling_rooms Rooms with at least one seat.\n# TYPE chorus_signaling_rooms gauge\nchorus_signaling_rooms {}\n\
-         # HELP chorus_signaling_participants Seats, including those in their reconnect grace period.\n# TYPE chorus_signaling_participants gauge\nchorus_signaling_participants {}\n\
+        "# HELP chorus_signaling_rooms Rooms with at least one seat on this instance.\n# TYPE chorus_signaling_rooms gauge\nchorus_signaling_rooms {}\n\
+         # HELP chorus_signaling_participants Seats on this instance, including those in their reconnect grace period.\n# TYPE chorus_signaling_participants gauge\nchorus_signaling_participants {}\n\
          # HELP chorus_signaling_sessions Seats with a connected WebSocket.\n# TYPE chorus_signaling_sessions gauge\nchorus_signaling_sessions {}\n\
-         # HELP chorus_signaling_nodes Connected SFU nodes.\n# TYPE chorus_signaling_nodes gauge\nchorus_signaling_nodes {}\n",
+         # HELP chorus_signaling_nodes SFU nodes connected to this instance.\n# TYPE chorus_signaling_nodes gauge\nchorus_signaling_nodes {}\n",
         s.rooms, s.participants, s.connected_sessions, s.nodes
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -244,6 +244,20 @@ impl Hub {
                 }
             }))
             .await?;
+        // Alive before the first join, then every few seconds while the hub lives.
+        hub.state.heartbeat(&hub.instance).await?;
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::state::HEARTBEAT);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(hub) = weak.upgrade() else { return };
+                if let Err(e) = hub.state.heartbeat(&hub.instance).await {
+                    debug!("heartbeat not stored: {e}");
+                }
+            }
+        });
         info!(instance = %hub.instance, "signaling instance started");
         Ok(hub)
     }

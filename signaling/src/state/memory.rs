@@ -352,6 +352,11 @@ impl SharedState for MemoryState {
         blocking(move || history.purge_idle(cutoff_ms, &active)).await
     }
 
+    async fn heartbeat(&self, _instance: &str) -> StateResult<()> {
+        // Every instance sharing a memory state lives in this process.
+        Ok(())
+    }
+
     async fn check(&self) -> StateResult<()> {
         Ok(())
     }

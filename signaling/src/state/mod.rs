@@ -180,6 +180,12 @@ impl EventKind {
     }
 }
 
+/// How long an instance counts as alive after its last [`SharedState::heartbeat`].
+pub const INSTANCE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How often an instance says it is alive.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where an implementation delivers room events. Called in per-room order; it must not
 /// block (it runs under the memory state's lock, or on the Redis subscriber task).
 pub type EventSink = Arc<dyn Fn(RoomEvent) + Send + Sync>;
@@ -303,6 +309,11 @@ pub trait SharedState: Send + Sync + 'static {
     /// Forgets the chat of rooms without seats whose newest message is older than
     /// `cutoff_ms`. Returns how many messages went. (Redis expires them by itself.)
     async fn purge_idle_chat(&self, cutoff_ms: u64) -> StateResult<usize>;
+
+    /// Says `instance` is alive, for a while ([`INSTANCE_TTL`]); instances call it every
+    /// [`HEARTBEAT`]. The seats of an instance that stopped saying so are removed by the
+    /// next join of their room (reason `disconnected`).
+    async fn heartbeat(&self, instance: &str) -> StateResult<()>;
 
     /// Whether the state can be used right now (for `/readyz`), and why not.
     async fn check(&self) -> StateResult<()>;

@@ -16,9 +16,13 @@
 //! | `P:room:{room}:node` | string | the room's placement |
 //! | `P:room:{room}:dominant` | string | the last dominant speaker |
 //! | `P:settings` | hash | room → settings JSON |
+//! | `P:instance:{id}` | string | an instance is alive (expires 15 s after its last heartbeat) |
 //! | `P:chat_id` | string | the last chat message id |
 //! | `P:chat:{room}` | stream | the room's history, capped, expiring `retention` after the last use |
 //! | `P:events` | channel | every room event |
+//!
+//! The two counters start from the current time in microseconds when missing, so they
+//! keep growing across a Redis restart that lost its data.
 //!
 //! Two connections: one for commands (with a response timeout, so a join gets an error
 //! instead of hanging when Redis is away) and one RESP3 connection that only receives
@@ -44,6 +48,9 @@ use super::{
 /// How long a command may take before the caller gets `Unavailable`.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often the events connection is checked (see [`read_events`]).
+const EVENTS_PING: Duration = Duration::from_secs(1);
+
 /// Shared Lua helpers, prepended to the scripts that need them. `owned` wraps a seat
 /// with its owner; `snapshot` is the reply every seat-changing script returns.
 const LUA_HELPERS: &str = r#"
@@ -54,8 +61,41 @@ end
 local function owned(owners, sid, json)
   return '{"instance":' .. cjson.encode(redis.call('HGET', owners, sid) or '') .. ',"seat":' .. json .. '}'
 end
+-- INCR, but a counter that is missing (a Redis that restarted without its data) starts
+-- from the current time in microseconds, so it still only ever grows: instances compare
+-- sequence numbers with ones they saw before the restart, and nodes still hold seat ids.
+-- Returns the value as a string: Lua numbers are doubles, and concatenating one this
+-- large prints it rounded in exponent form.
+local function bump(k)
+  if redis.call('EXISTS', k) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', k, t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+  end
+  redis.call('INCR', k)
+  return redis.call('GET', k)
+end
 local function publish(channel, room, seq, kind)
   redis.call('PUBLISH', channel, '{"room":' .. cjson.encode(room) .. ',"seq":' .. seq .. ',"kind":' .. kind .. '}')
+end
+-- Removes the room's seats whose owner stopped saying it is alive (it crashed or lost
+-- Redis for longer than the instance TTL); everyone hears they left.
+local function purge_dead(seats, owners, idents, seqk, channel, room, live_prefix)
+  local all = redis.call('HGETALL', owners)
+  local alive = {}
+  for i = 1, #all, 2 do
+    local sid, inst = all[i], all[i + 1]
+    if alive[inst] == nil then alive[inst] = redis.call('EXISTS', live_prefix .. inst) == 1 end
+    if not alive[inst] then
+      local json = redis.call('HGET', seats, sid)
+      redis.call('HDEL', seats, sid)
+      redis.call('HDEL', owners, sid)
+      if json then
+        local identity = cjson.decode(json).identity
+        if redis.call('HGET', idents, identity) == sid then redis.call('HDEL', idents, identity) end
+        publish(channel, room, bump(seqk), '{"left":{"instance":' .. cjson.encode(inst) .. ',"seat":' .. json .. ',"reason":"disconnected"}}')
+      end
+    end
+  end
 end
 local function snapshot(seats, owners, nodek, domk, settingsk, seqk, room)
   local all = redis.call('HGETALL', seats)
@@ -67,17 +107,22 @@ local function snapshot(seats, owners, nodek, domk, settingsk, seqk, room)
     .. ',"seats":[' .. table.concat(parts, ',') .. ']'
     .. ',"node":' .. cjson.encode(node)
     .. ',"dominant":' .. cjson.encode(redis.call('GET', domk) or '')
-    .. ',"settings":' .. (redis.call('HGET', settingsk, room) or 'null')
+    .. ',"settings":' .. cjson.encode(redis.call('HGET', settingsk, room) or '')
 end
 "#;
 
 /// KEYS: seats owners identities node dominant settings rooms seq
 /// ARGV: room identity name protocol instance resume(0/1) nodes(JSON array) id channel
+///       live-prefix live-ttl-ms
 const JOIN: &str = r#"
 local seats, owners, idents, nodek, domk, settingsk, roomsk, seqk =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local room, identity, name, protocol, instance = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local resume, nodes, id, channel = ARGV[6] == '1', cjson.decode(ARGV[7]), ARGV[8], ARGV[9]
+-- The joiner's instance is alive (also right after a Redis restart, before its next
+-- heartbeat).
+redis.call('SET', ARGV[10] .. instance, '1', 'PX', ARGV[11])
+purge_dead(seats, owners, idents, seqk, channel, room, ARGV[10])
 local function reply(outcome, extra)
   return '{"outcome":"' .. outcome .. '",' .. extra
     .. snapshot(seats, owners, nodek, domk, settingsk, seqk, room) .. '}'
@@ -101,7 +146,7 @@ if existing then
     replaced = owned(owners, existing, json)
     redis.call('HDEL', seats, existing)
     redis.call('HDEL', owners, existing)
-    local seq = redis.call('INCR', seqk)
+    local seq = bump(seqk)
     publish(channel, room, seq, '{"left":{"instance":' .. cjson.encode(owner) .. ',"seat":' .. json .. ',"reason":"replaced"}}')
   end
   redis.call('HDEL', idents, identity)
@@ -129,7 +174,7 @@ redis.call('HSET', seats, id, seat)
 redis.call('HSET', owners, id, instance)
 redis.call('HSET', idents, identity, id)
 redis.call('SADD', roomsk, room)
-local seq = redis.call('INCR', seqk)
+local seq = bump(seqk)
 publish(channel, room, seq, '{"joined":{"instance":' .. cjson.encode(instance) .. ',"seat":' .. seat .. '}}')
 return reply('seated', '"seat":' .. seat .. ',"replaced":' .. replaced .. ',')
 "#;
@@ -143,7 +188,7 @@ if redis.call('HGET', owners, id) ~= instance or redis.call('HEXISTS', seats, id
 end
 redis.call('HSET', seats, id, json)
 if ARGV[6] ~= '1' then return 1 end
-local seq = redis.call('INCR', seqk)
+local seq = bump(seqk)
 publish(channel, room, seq, '{"updated":{"instance":' .. cjson.encode(instance) .. ',"seat":' .. json .. '}}')
 return 1
 "#;
@@ -164,7 +209,7 @@ if redis.call('HLEN', seats) == 0 then
   redis.call('DEL', seats, owners, idents, nodek, domk)
   redis.call('SREM', roomsk, room)
 end
-local seq = redis.call('INCR', seqk)
+local seq = bump(seqk)
 publish(channel, room, seq, '{"left":{"instance":' .. cjson.encode(instance) .. ',"seat":' .. json .. ',"reason":' .. cjson.encode(reason) .. '}}')
 return json
 "#;
@@ -173,6 +218,9 @@ return json
 const SNAPSHOT: &str = r#"
 return '{' .. snapshot(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1]) .. '}'
 "#;
+
+/// KEYS: seat_id
+const SEAT_ID: &str = "return bump(KEYS[1])";
 
 /// KEYS: node dominant   ARGV: node participant-or-empty
 const DOMINANT: &str = r#"
@@ -183,7 +231,8 @@ return 1
 
 /// KEYS: chat_id stream   ARGV: maxlen retention_ms identity name text ts channel room sender
 const CHAT_APPEND: &str = r#"
-local id = redis.call('INCR', KEYS[1])
+redis.call('INCR', KEYS[1])
+local id = redis.call('GET', KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id .. '-0',
   'identity', ARGV[3], 'name', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -201,6 +250,7 @@ return n
 "#;
 
 struct Scripts {
+    seat_id: Script,
     join: Script,
     update: Script,
     remove: Script,
@@ -214,6 +264,7 @@ impl Scripts {
     fn new() -> Self {
         let with_helpers = |body: &str| Script::new(&format!("{LUA_HELPERS}\n{body}"));
         Scripts {
+            seat_id: with_helpers(SEAT_ID),
             join: with_helpers(JOIN),
             update: with_helpers(UPDATE),
             remove: with_helpers(REMOVE),
@@ -284,8 +335,10 @@ struct ScriptReply {
     seats: Vec<OwnedSeat>,
     #[serde(default)]
     dominant: String,
+    /// The stored settings JSON as a string ("" for none), read leniently: settings
+    /// someone wrote by hand must not stop every join.
     #[serde(default)]
-    settings: Option<RoomSettings>,
+    settings: String,
 }
 
 impl ScriptReply {
@@ -297,7 +350,13 @@ impl ScriptReply {
             seats,
             node: (!self.node.is_empty()).then(|| self.node.clone()),
             dominant: self.dominant.parse().ok(),
-            settings: self.settings.unwrap_or_default(),
+            settings: match self.settings.as_str() {
+                "" => RoomSettings::default(),
+                json => serde_json::from_str(json).unwrap_or_else(|e| {
+                    warn!("unreadable room settings in Redis ignored: {e}");
+                    RoomSettings::default()
+                }),
+            },
         }
     }
 }
@@ -341,7 +400,7 @@ impl RedisState {
             .await
             .with_context(|| format!("subscribing to {channel} in Redis"))?;
         let sinks: Arc<Mutex<Vec<EventSink>>> = Arc::default();
-        let reader = tokio::spawn(read_events(push_rx, sinks.clone()));
+        let reader = tokio::spawn(read_events(push_rx, sinks.clone(), events_conn.clone()));
         info!(url = %config.url, prefix = %config.prefix, "shared state in Redis");
         Ok(RedisState {
             conn,
@@ -390,11 +449,39 @@ impl RedisState {
 
 /// Decodes the events channel and hands each event to every sink, in arrival order
 /// (which is publication order: one channel, one connection).
+///
+/// The connection manager only reconnects when a command fails, and nothing else is
+/// sent on this connection: a PING every [`EVENTS_PING`] (and at once when it drops)
+/// notices a dead connection and brings it back, and the manager then resubscribes.
 async fn read_events(
     mut rx: mpsc::UnboundedReceiver<redis::PushInfo>,
     sinks: Arc<Mutex<Vec<EventSink>>>,
+    mut conn: ConnectionManager,
 ) {
-    while let Some(push) = rx.recv().await {
+    let mut every = tokio::time::interval(EVENTS_PING);
+    let mut down = false;
+    loop {
+        let push = tokio::select! {
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+            _ = every.tick() => {
+                let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+                match (ping, down) {
+                    (Ok(_), true) => {
+                        down = false;
+                        info!("the Redis events subscription is back");
+                    }
+                    (Err(e), false) => {
+                        down = true;
+                        warn!("the Redis events connection does not answer: {e}");
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+        };
         match push.kind {
             PushKind::Message => {
                 let Some(Value::BulkString(payload)) = push.data.get(1) else {
@@ -413,10 +500,15 @@ async fn read_events(
                     sink(ev.clone());
                 }
             }
-            PushKind::Disconnection => warn!(
-                "lost the Redis events subscription; room events published until it \
-                 is back are not seen by this instance"
-            ),
+            PushKind::Disconnection => {
+                warn!(
+                    "lost the Redis events subscription; room events published until it \
+                     is back are not seen by this instance"
+                );
+                down = true;
+                // Try again soon rather than at the next tick.
+                every.reset_after(Duration::from_millis(200));
+            }
             PushKind::Subscribe => debug!("subscribed to the Redis events channel"),
             _ => {}
         }
@@ -434,9 +526,10 @@ impl SharedState for RedisState {
     }
 
     async fn next_seat_id(&self) -> StateResult<u64> {
-        self.conn
-            .clone()
-            .incr(self.key("seat_id"), 1u64)
+        self.scripts
+            .seat_id
+            .key(self.key("seat_id"))
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
     }
@@ -463,6 +556,8 @@ impl SharedState for RedisState {
             .arg(nodes)
             .arg(id)
             .arg(&self.channel)
+            .arg(self.key("instance:"))
+            .arg(super::INSTANCE_TTL.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -675,6 +770,18 @@ impl SharedState for RedisState {
     async fn purge_idle_chat(&self, _cutoff_ms: u64) -> StateResult<usize> {
         // Each room's stream expires `retention` after its last message or reader.
         Ok(0)
+    }
+
+    async fn heartbeat(&self, instance: &str) -> StateResult<()> {
+        let () = redis::cmd("SET")
+            .arg(self.key(&format!("instance:{instance}")))
+            .arg(1)
+            .arg("PX")
+            .arg(super::INSTANCE_TTL.as_millis() as u64)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn check(&self) -> StateResult<()> {

@@ -55,6 +55,9 @@ async fn redis() -> Option<Fleet> {
     };
     let a: Arc<dyn SharedState> = Arc::new(RedisState::connect(config.clone()).await.unwrap());
     let b: Arc<dyn SharedState> = Arc::new(RedisState::connect(config).await.unwrap());
+    // The suite's instances are alive; a seat of any other is a dead instance's.
+    a.heartbeat("A").await.unwrap();
+    b.heartbeat("B").await.unwrap();
     let seen_a = collect(&a).await;
     let seen_b = collect(&b).await;
     Some(Fleet {
@@ -447,4 +450,128 @@ async fn dominant_speaker_is_kept_for_the_placed_node_only(f: Fleet) {
     assert_eq!(f.a.room("r").await.unwrap().dominant, Some(ana.id));
     f.a.set_dominant("r", "n1", None).await.unwrap();
     assert_eq!(f.b.room("r").await.unwrap().dominant, None);
+}
+
+/// Redis goes away and comes back (empty: no persistence): calls fail fast with
+/// `Unavailable` instead of hanging, and everything works again by itself afterwards,
+/// the events subscription included.
+#[tokio::test]
+async fn redis_outage_fails_fast_and_recovers_by_itself() {
+    let Some(mut f) = redis().await else {
+        return;
+    };
+    let n = nodes(&["n1"]);
+    let (ana, before) = seat(&f.a, req("r", "ana", "A", &n)).await;
+    wait_events(&f.seen_b, 1).await;
+    let server = f._server.as_mut().unwrap();
+    server.stop();
+    let started = std::time::Instant::now();
+    match f.a.next_seat_id().await {
+        Err(StateError::Unavailable(_)) => {}
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(matches!(f.b.check().await, Err(StateError::Unavailable(_))));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "errors took {:?}",
+        started.elapsed()
+    );
+    eprintln!(
+        "with Redis down, two calls failed in {:?}",
+        started.elapsed()
+    );
+    server.restart();
+    let restarted = std::time::Instant::now();
+    // Both connections come back without anyone doing anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while f.a.check().await.is_err() || f.b.check().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "both connections answered {:?} after the restart",
+        restarted.elapsed()
+    );
+    // The restarted Redis is empty; a join works and B hears of it (resubscribed).
+    let (bo, after) = seat(&f.a, req("r", "bo", "A", &n)).await;
+    // Its counters went on growing: nodes still hold ana's id, instances ana's sequence.
+    assert!(bo.id > ana.id, "{} after {}", bo.id, ana.id);
+    assert!(after.seq > before.seq, "{} after {}", after.seq, before.seq);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = f.seen_b.lock().unwrap().clone();
+        if got
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::Joined(s) if s.seat.id == bo.id))
+        {
+            eprintln!(
+                "events flowed again {:?} after the restart",
+                restarted.elapsed()
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never heard of the join after the outage: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Settings written into Redis by hand (or by a newer version) that this version cannot
+/// read are ignored with a warning; they do not stop joins.
+#[tokio::test]
+async fn unreadable_settings_in_redis_do_not_stop_joins() {
+    let Some(f) = redis().await else {
+        return;
+    };
+    let client = ::redis::Client::open(f._server.as_ref().unwrap().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("HSET")
+        .arg("test:settings")
+        .arg("r")
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (_, room) = seat(&f.a, req("r", "ana", "A", &nodes(&["n1"]))).await;
+    assert_eq!(room.settings, RoomSettings::default());
+}
+
+/// An instance that stops saying it is alive (crashed) leaves seats behind; the next join
+/// of the room removes them, and a room they held on a node nobody reaches any more is
+/// placed anew instead of refusing every join.
+#[tokio::test]
+async fn a_dead_instances_seats_go_with_the_next_join_of_their_room() {
+    let Some(f) = redis().await else {
+        return;
+    };
+    let (ghost, _) = seat(&f.a, req("r", "ghost", "C", &nodes(&["gone"]))).await;
+    // "C" dies: its liveness expires (here: goes at once).
+    let client = ::redis::Client::open(f._server.as_ref().unwrap().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let gone: i64 = ::redis::cmd("DEL")
+        .arg("test:instance:C")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone, 1, "the join said C was alive");
+    let (ana, room) = seat(&f.a, req("r", "ana", "A", &nodes(&["n1"]))).await;
+    assert_eq!(ana.node, "n1", "placed anew");
+    assert_eq!(
+        room.seats.iter().map(|s| s.seat.id).collect::<Vec<_>>(),
+        [ana.id]
+    );
+    let evs = wait_events(&f.seen_b, 3).await;
+    assert!(
+        evs.iter().any(|e| matches!(&e.kind, EventKind::Left { seat, reason } if seat.seat.id == ghost.id && reason == "disconnected")),
+        "{evs:?}"
+    );
+    // A live instance's seats stay.
+    let (bo, room) = seat(&f.b, req("r", "bo", "B", &nodes(&["n1"]))).await;
+    assert_eq!(room.seats.len(), 2);
+    assert!(room.seats.iter().any(|s| s.seat.id == bo.id));
 }
