@@ -2,7 +2,8 @@
 //! `chorus signaling --redis` instances, one `chorus sfu` registered with both. Clients
 //! (the native client library, real Opus over real sockets) split across the two
 //! instances share a room: they hear each other, see each other join, speak, mute and
-//! leave, and chat; a late joiner on the other instance gets the chat history.
+//! leave, and chat; a late joiner on the other instance gets the chat history; a session
+//! that drops resumes on the other instance.
 //!
 //! Needs the `chorus` binary (cargo builds it for integration tests) and `redis-server`
 //! (skipped loudly without it, unless `CHORUS_REQUIRE_REDIS=1`, as in CI).
@@ -14,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chorus_native::session::{self, Command as Cmd, Config, Event, Silence};
+use chorus_native::signaling::SignalingClient;
 use chorus_native::wav::Tone;
 use chorus_protocol::chat::ChatServerFrame;
-use chorus_protocol::client::Grants;
+use chorus_protocol::client::{ClientMessage, Grants, ServerMessage};
 use chorus_signaling::testing::RedisServer;
 use chorus_signaling::token::{mint, participant_claims};
 use tokio::sync::mpsc;
@@ -377,6 +379,48 @@ async fn share_a_room(a: u16, b: u16) {
         |e| matches!(e, Event::ParticipantJoined(p) if p.name == "Cy"),
     )
     .await;
+
+    // A session that drops resumes on the other instance within the grace period (the
+    // signaling side of it: a protocol client without media).
+    let dan_token = token(ROOM, "dan", "Dan");
+    let (first, _) =
+        SignalingClient::join_with(&format!("ws://127.0.0.1:{a}/ws"), &dan_token, false)
+            .await
+            .unwrap();
+    ana.until(
+        "Ana sees Dan join",
+        |e| matches!(e, Event::ParticipantJoined(p) if p.name == "Dan"),
+    )
+    .await;
+    first.abort();
+    let (mut dan, joined) =
+        SignalingClient::join_with(&format!("ws://127.0.0.1:{b}/ws"), &dan_token, true)
+            .await
+            .unwrap();
+    assert!(
+        matches!(joined, ServerMessage::Joined { resumed: true, .. }),
+        "{joined:?}"
+    );
+    // Instance B serves the seat now: a mute through B reaches Ana on A.
+    dan.send(&ClientMessage::Mute { muted: true })
+        .await
+        .unwrap();
+    ana.until(
+        "Ana sees Dan muted through B",
+        |e| matches!(e, Event::ParticipantUpdated(p) if p.name == "Dan" && p.muted),
+    )
+    .await;
+    dan.send(&ClientMessage::Leave).await.unwrap();
+    let left = ana
+        .until(
+            "Ana sees Dan leave",
+            |e| matches!(e, Event::ParticipantLeft { identity, .. } if identity == "dan"),
+        )
+        .await;
+    assert!(
+        matches!(&left, Event::ParticipantLeft { reason, .. } if reason == "left"),
+        "one leave, not a grace period expiring: {left:?}"
+    );
 
     // Leaving on B is seen on A.
     let bo_report = bo.leave().await;
