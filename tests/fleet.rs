@@ -12,6 +12,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_native::session::{self, Command as Cmd, Config, Event, Silence};
@@ -164,10 +166,13 @@ impl Client {
         };
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, events) = mpsc::unbounded_channel();
-        let config = Config::new(
+        let mut config = Config::new(
             format!("ws://127.0.0.1:{port}/ws"),
             token(room, &name.to_lowercase(), name),
         );
+        // A steady tone: Opus DTX would send it as background noise (a packet every
+        // 400 ms once its detector settles), and the tests count packets.
+        config.encoder.dtx = false;
         let task = tokio::spawn(session::run(
             config,
             source,
@@ -181,6 +186,12 @@ impl Client {
             kept: Vec::new(),
             task,
         }
+    }
+
+    /// Forgets every event so far: the next waits see only what comes after.
+    fn forget(&mut self) {
+        self.kept.clear();
+        while self.events.try_recv().is_ok() {}
     }
 
     fn send(&self, c: Cmd) {
@@ -223,64 +234,182 @@ impl Drop for TempDir {
     }
 }
 
+/// Redis, two instances and a node registered with both, all running.
+struct Fleet {
+    a: Instance,
+    b: Instance,
+    node: Proc,
+    _dir: TempDir,
+    _redis: RedisServer,
+}
+
+impl Fleet {
+    fn start() -> Option<Fleet> {
+        let redis = RedisServer::start()?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = TempDir(std::env::temp_dir().join(format!(
+            "chorus-fleet-{}-{}",
+            std::process::id(),
+            free_port()
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let a = start_instance(&dir.0, "a", &redis.url());
+        let b = start_instance(&dir.0, "b", &redis.url());
+        wait_until("both instances serve", &[&a.proc, &b.proc], || {
+            [a.http, b.http]
+                .iter()
+                .all(|p| http_get(*p, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")))
+                && a.cert.exists()
+                && b.cert.exists()
+        });
+        // Each instance made its own control certificate: the node trusts both.
+        let ca = dir.0.join("control-ca.pem");
+        let both =
+            std::fs::read_to_string(&a.cert).unwrap() + &std::fs::read_to_string(&b.cert).unwrap();
+        std::fs::write(&ca, both).unwrap();
+        let node = Proc::spawn(
+            Command::new(env!("CARGO_BIN_EXE_chorus"))
+                .arg("sfu")
+                .args(["--signaling", &format!("127.0.0.1:{}", a.control)])
+                .args(["--signaling", &format!("127.0.0.1:{}", b.control)])
+                .arg("--control-ca")
+                .arg(&ca)
+                .args(["--node-secret", NODE_SECRET])
+                .args(["--node-id", "edge-1"])
+                .args(["--media-listen", "127.0.0.1:0"]),
+            dir.0.join("node.log"),
+        );
+        let fleet = Fleet {
+            a,
+            b,
+            node,
+            _dir: dir,
+            _redis: redis,
+        };
+        wait_until(
+            "the node registers with both instances",
+            &fleet.procs(),
+            || {
+                metric(fleet.a.http, "chorus_signaling_nodes") == Some(1.0)
+                    && metric(fleet.b.http, "chorus_signaling_nodes") == Some(1.0)
+            },
+        );
+        Some(fleet)
+    }
+
+    fn procs(&self) -> [&Proc; 3] {
+        [&self.a.proc, &self.b.proc, &self.node]
+    }
+
+    /// Runs `test` and, if it fails, prints every process's log.
+    fn run<F: std::future::Future<Output = ()>>(&self, test: F) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(test)));
+        if let Err(panic) = ok {
+            for p in self.procs() {
+                eprintln!("---- {} ----\n{}", p.log.display(), p.log());
+            }
+            std::panic::resume_unwind(panic);
+        }
+        // Everyone left: the room is gone from both instances' view.
+        wait_until("the room empties everywhere", &self.procs(), || {
+            metric(self.a.http, "chorus_signaling_participants") == Some(0.0)
+                && metric(self.b.http, "chorus_signaling_participants") == Some(0.0)
+        });
+    }
+}
+
 #[test]
 fn clients_on_two_instances_share_a_room_over_redis() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(f) = Fleet::start() else {
         return;
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "chorus-fleet-{}-{}",
-        std::process::id(),
-        free_port()
-    )));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let a = start_instance(&dir.0, "a", &redis.url());
-    let b = start_instance(&dir.0, "b", &redis.url());
-    wait_until("both instances serve", &[&a.proc, &b.proc], || {
-        [a.http, b.http]
-            .iter()
-            .all(|p| http_get(*p, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")))
-            && a.cert.exists()
-            && b.cert.exists()
-    });
-    // Each instance made its own control certificate: the node trusts both.
-    let ca = dir.0.join("control-ca.pem");
-    let both =
-        std::fs::read_to_string(&a.cert).unwrap() + &std::fs::read_to_string(&b.cert).unwrap();
-    std::fs::write(&ca, both).unwrap();
-    let node = Proc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .arg("sfu")
-            .args(["--signaling", &format!("127.0.0.1:{}", a.control)])
-            .args(["--signaling", &format!("127.0.0.1:{}", b.control)])
-            .arg("--control-ca")
-            .arg(&ca)
-            .args(["--node-secret", NODE_SECRET])
-            .args(["--node-id", "edge-1"])
-            .args(["--media-listen", "127.0.0.1:0"]),
-        dir.0.join("node.log"),
-    );
-    let procs = [&a.proc, &b.proc, &node];
-    wait_until("the node registers with both instances", &procs, || {
-        metric(a.http, "chorus_signaling_nodes") == Some(1.0)
-            && metric(b.http, "chorus_signaling_nodes") == Some(1.0)
-    });
+    f.run(share_a_room(f.a.http, f.b.http));
+}
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        rt.block_on(share_a_room(a.http, b.http))
-    }));
-    if let Err(panic) = ok {
-        for p in procs {
-            eprintln!("---- {} ----\n{}", p.log.display(), p.log());
+/// A loopback TCP proxy whose target can be switched: the "load balancer" that sends a
+/// reconnecting client to another instance.
+async fn proxy(target: Arc<AtomicU16>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let to = target.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
         }
-        std::panic::resume_unwind(panic);
-    }
-    // Everyone left: the room is gone from both instances' view.
-    wait_until("the room empties everywhere", &procs, || {
-        metric(a.http, "chorus_signaling_participants") == Some(0.0)
-            && metric(b.http, "chorus_signaling_participants") == Some(0.0)
+    });
+    port
+}
+
+/// The client library's reconnect lands on the other instance: the seat resumes there
+/// (the node hands the participant over with `adopt`), audio never stops either way,
+/// and the new instance serves it (a mute through it is seen).
+#[test]
+fn a_session_resumes_with_its_media_on_the_other_instance() {
+    let Some(f) = Fleet::start() else {
+        return;
+    };
+    let (a, b) = (f.a.http, f.b.http);
+    f.run(async move {
+        const ROOM: &str = "resume-room";
+        let target = Arc::new(AtomicU16::new(a));
+        let lb = proxy(target.clone()).await;
+        let mut ana = Client::start(lb, ROOM, "Ana", Some(440.0));
+        let mut bo = Client::start(b, ROOM, "Bo", Some(880.0));
+        ana.until("Ana hears Bo", |e| matches!(e, Event::FirstAudio { .. }))
+            .await;
+        bo.until("Bo hears Ana", |e| matches!(e, Event::FirstAudio { .. }))
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Ana's socket drops; the balancer now sends her to instance B.
+        target.store(b, Ordering::SeqCst);
+        ana.send(Cmd::ReconnectSignaling);
+        let back = ana
+            .until("Ana reconnected", |e| {
+                matches!(e, Event::Reconnected { .. })
+            })
+            .await;
+        assert_eq!(back, Event::Reconnected { resumed: true });
+        // Instance B holds both seats now; A let go of Ana's.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metric(a, "chorus_signaling_participants") != Some(0.0)
+            || metric(b, "chorus_signaling_participants") != Some(2.0)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the seat did not move to B"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Audio goes on both ways; then the new instance carries a mute Bo sees.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ana.send(Cmd::SetMuted(true));
+        bo.until(
+            "Bo sees Ana muted through B",
+            |e| matches!(e, Event::ParticipantUpdated(p) if p.name == "Ana" && p.muted),
+        )
+        .await;
+        // The node reports on Ana to B now: unmuted, she is seen speaking again.
+        bo.forget();
+        ana.send(Cmd::SetMuted(false));
+        bo.until("Bo sees Ana speak again", |e| {
+            matches!(e, Event::ParticipantUpdated(p) if p.name == "Ana" && !p.muted && p.speaking)
+        })
+        .await;
+        let ana_report = ana.leave().await;
+        let bo_report = bo.leave().await;
+        assert_eq!(ana_report.reconnects, 1, "{ana_report:?}");
+        // Both kept hearing each other across the move: one stream each (no restart),
+        // no loss. (Counts are kept low: a loaded CI machine delays ticks.)
+        for (who, r) in [("Ana", &ana_report), ("Bo", &bo_report)] {
+            assert_eq!(r.streams.len(), 1, "{who}: {r:?}");
+            assert!(r.streams[0].packets > 60, "{who}: {r:?}");
+            assert_eq!(r.streams[0].lost, 0, "{who}: {r:?}");
+        }
     });
 }
 
