@@ -19,6 +19,7 @@ command -v espeak-ng >/dev/null || need_pkgs+=(espeak-ng)  # speech fixtures for
 command -v xvfb-run >/dev/null || need_pkgs+=(xvfb)          # desktop smoke test: a virtual X display
 command -v xauth >/dev/null || need_pkgs+=(xauth)            # xvfb-run needs it
 command -v python3 >/dev/null || need_pkgs+=(python3)        # desktop smoke test: ports, PNG check
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)  # shared state tests; each starts its own
 dpkg -s libasound2-dev >/dev/null 2>&1 || need_pkgs+=(libasound2-dev)     # builds cpal (desktop client)
 dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || need_pkgs+=(libgl1-mesa-dri)   # software OpenGL under Xvfb
 dpkg -s libegl1 >/dev/null 2>&1 || need_pkgs+=(libegl1)                   # desktop window: EGL/GL loaders
@@ -39,8 +40,9 @@ fi
 # command's own installer, so this build fails on a fresh machine if that list is short.
 bash scripts/dev.sh --install-deps
 # coturn's package starts a turnserver on install on some systems; our tests never use it.
-# Same for janus: the comparison starts its own with a private configuration.
-for svc in coturn janus; do
+# Same for janus: the comparison starts its own with a private configuration. And
+# redis-server: every Redis test starts its own on a free port, without persistence.
+for svc in coturn janus redis-server; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl stop "$svc" || true
   fi
@@ -51,7 +53,8 @@ done
 echo "==> cargo build --release"
 cargo build --release --workspace --bins
 echo "==> cargo test --release"
-cargo test --release --workspace
+# Redis tests skip loudly without redis-server on a developer's machine; here they must run.
+CHORUS_REQUIRE_REDIS=1 cargo test --release --workspace
 
 echo "==> first run: the README's dev command on a machine without cmake, then for real"
 bash tests/first-run.sh

@@ -200,16 +200,30 @@ struct SignalingArgs {
     /// Lifetime of minted TURN credentials.
     #[arg(long, default_value = "6h", value_parser = humantime::parse_duration, env = "CHORUS_TURN_TTL")]
     turn_ttl: Duration,
+    /// Share rooms, presence, placement, room settings and chat with every signaling
+    /// instance using this Redis (redis://[user:password@]HOST:PORT[/DB]), so clients
+    /// may connect to any instance. Without it this instance keeps its state in memory
+    /// (chat history and room settings in --data-dir).
+    #[arg(long, env = "CHORUS_REDIS")]
+    redis: Option<String>,
     #[command(flatten)]
     chat: ChatArgs,
 }
 
 #[derive(Args)]
 struct SfuArgs {
-    /// Signaling's control-plane address (its --control-listen).
-    #[arg(long, env = "CHORUS_SIGNALING")]
-    signaling: SocketAddr,
-    /// PEM certificate of signaling's control plane to trust.
+    /// Signaling's control-plane address (its --control-listen). Repeat it (env:
+    /// comma-separated) to register with several signaling instances sharing one
+    /// --redis: each seats its own clients' participants on this node.
+    #[arg(
+        long = "signaling",
+        env = "CHORUS_SIGNALING",
+        value_delimiter = ',',
+        required = true
+    )]
+    signaling: Vec<SocketAddr>,
+    /// PEM certificate(s) of signaling's control plane to trust (concatenate the
+    /// instances' certificates when each made its own).
     #[arg(long, env = "CHORUS_CONTROL_CA")]
     control_ca: PathBuf,
     /// Shared node secret (signaling's --node-secret).
@@ -462,13 +476,14 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         ice_servers: vec![],
         turn: turn_rest,
         chat_db: a.chat.store_path(),
+        redis: None,
         chat: a.chat.chat_config(),
         allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })
     .await?;
     let node = Node::start(NodeConfig {
         node_id: "dev-node".into(),
-        signaling: sig.control_addr,
+        signaling: vec![sig.control_addr],
         control_ca_pem: sig.control_cert_pem.clone(),
         node_secret,
         media_listen,
@@ -618,6 +633,7 @@ async fn signaling(a: SignalingArgs) -> anyhow::Result<()> {
         ice_servers,
         turn,
         chat_db: a.chat.store_path(),
+        redis: a.redis.clone(),
         chat: a.chat.chat_config(),
         allow_enhanced_audio: !a.chat.no_enhanced_audio,
     })
@@ -647,7 +663,7 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sfu-{}", &random_secret()[..8]));
     let node = Node::start(NodeConfig {
         node_id: node_id.clone(),
-        signaling: a.signaling,
+        signaling: a.signaling.clone(),
         control_ca_pem: pem,
         node_secret: a.node_secret,
         media_listen: a.media_listen,
@@ -657,7 +673,7 @@ async fn sfu(a: SfuArgs) -> anyhow::Result<()> {
     })
     .await?;
     eprintln!(
-        "SFU node {node_id} serving media on {:?}, registering with {}",
+        "SFU node {node_id} serving media on {:?}, registering with {:?}",
         node.media_addrs, a.signaling
     );
     if let Some(addr) = a.metrics {

@@ -36,6 +36,7 @@ async fn start_signaling(grace: Duration, chat_db: Option<std::path::PathBuf>) -
         ice_servers: vec![],
         turn: None,
         chat_db,
+        redis: None,
         chat: Default::default(),
         allow_enhanced_audio: true,
     })
@@ -68,7 +69,7 @@ async fn stack() -> Stack {
 async fn start_node(sig: &Signaling, id: &str, secret: &str) -> Node {
     Node::start(NodeConfig {
         node_id: id.into(),
-        signaling: sig.control_addr,
+        signaling: vec![sig.control_addr],
         control_ca_pem: sig.control_cert_pem.clone(),
         node_secret: secret.into(),
         media_listen: "127.0.0.1:0".parse().unwrap(),

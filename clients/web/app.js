@@ -53,6 +53,7 @@ const ERROR_TEXT = {
   invalid_token: "Your access token is not valid — ask for a new link.",
   forbidden: "You are not allowed to do that (is this the right channel?).",
   no_media_node: "No media server is available right now — try again in a moment.",
+  unavailable: "The server cannot reach its shared state right now — try again in a moment.",
   unsupported_protocol: "This page is out of date — reload it.",
   rate_limited: "Too many requests — slow down a little.",
   not_joined: "Not joined yet — try joining again.",

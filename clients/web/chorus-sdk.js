@@ -816,7 +816,10 @@ export class ChorusClient extends EventTarget {
   _onError(msg) {
     const code = msg.code || "internal";
     const message = msg.message || code;
-    const joinRefused = !this._hasSeat && (FATAL_CODES.has(code) || code === "forbidden");
+    // `unavailable` (signaling lost its shared state) refuses a join; later it only fails
+    // the one request.
+    const joinRefused =
+      !this._hasSeat && (FATAL_CODES.has(code) || code === "forbidden" || code === "unavailable");
     if (FATAL_CODES.has(code) || joinRefused) {
       this._fatal = true;
       this._fatalError = new ChorusError(code, message);

@@ -247,6 +247,9 @@ pub enum ErrorCode {
     UnknownTrack,
     /// Something failed on the server side.
     Internal,
+    /// Signaling cannot reach the state it shares with other instances (Redis); the
+    /// join did not happen. Try again in a moment (another instance may be fine).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -266,6 +269,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
             ErrorCode::UnknownTrack => "unknown_track",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -358,6 +362,7 @@ mod tests {
             ErrorCode::UnsupportedProtocol,
             ErrorCode::UnknownTrack,
             ErrorCode::Internal,
+            ErrorCode::Unavailable,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }

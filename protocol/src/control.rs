@@ -65,6 +65,10 @@ pub enum ToNode {
     },
     /// Remove a participant and free its media session.
     RemoveParticipant { participant: u64 },
+    /// The participant's client resumed its session on the signaling instance that
+    /// sends this (it was seated through another one): from now on every event about
+    /// the participant goes to this connection. Its media session is untouched.
+    Adopt { participant: u64 },
     /// Write one text frame (a JSON chat message) on each listed participant's `chat`
     /// data channel.
     ChatTo {

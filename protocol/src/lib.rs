@@ -30,7 +30,7 @@ pub const PROTOCOL_AUDIO_ONLY: u32 = 1;
 /// Version of the signaling↔SFU control protocol described in `docs/control-protocol.md`.
 /// Version 2 added tracks (video) to offers, participants and events; version 3 adds
 /// adaptive stream, stream-allocation reasons, dynacast and downlink stats.
-pub const CONTROL_VERSION: u32 = 3;
+pub const CONTROL_VERSION: u32 = 4;
 
 /// ALPN token for the control-plane QUIC connection.
 pub const CONTROL_ALPN: &[u8] = b"chorus-control/1";

@@ -9,6 +9,7 @@
 //! (`docs/control-protocol.md`).
 
 pub mod allocator;
+pub mod control;
 pub mod demux;
 pub mod enhance;
 pub mod fasthash;

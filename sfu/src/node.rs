@@ -1,7 +1,6 @@
-//! The SFU node's shells: worker threads around [`Worker`] cores, and the control-plane
-//! client that dials signaling, authenticates and routes commands to workers.
+//! The SFU node's shells: worker threads around [`Worker`] cores; the control-plane
+//! client that dials signaling is [`crate::control`].
 
-use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -9,13 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chorus_protocol::control::{auth_message, FromNode, NodeErrorCode, ToNode};
-use chorus_protocol::framing::{encode, FrameDecoder};
-use chorus_protocol::{CONTROL_ALPN, CONTROL_VERSION};
-use hmac::{Hmac, Mac};
-use quinn::crypto::rustls::QuicClientConfig;
-use rustls::pki_types::CertificateDer;
-use sha2::Sha256;
+use chorus_protocol::control::{FromNode, ToNode};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -29,9 +22,11 @@ use chorus_netio::{enable_rx_timestamps, recv_batch, send_batch, RecvBatch, BATC
 pub struct NodeConfig {
     /// Unique name of this node in the fleet.
     pub node_id: String,
-    /// Signaling's control-plane address.
-    pub signaling: SocketAddr,
-    /// PEM certificate of signaling's control listener (pinned trust).
+    /// Control-plane addresses of the signaling instances to register with: the node
+    /// serves each one's participants (see [`crate::control`]).
+    pub signaling: Vec<SocketAddr>,
+    /// PEM certificate(s) of signaling's control listeners (pinned trust): one per
+    /// instance when each made its own.
     pub control_ca_pem: String,
     /// Shared node secret.
     pub node_secret: String,
@@ -44,9 +39,8 @@ pub struct NodeConfig {
     pub worker: WorkerConfig,
 }
 
-enum WorkerCmd {
+pub(crate) enum WorkerCmd {
     Control(ToNode),
-    Reset,
 }
 
 /// A running SFU node.
@@ -105,7 +99,12 @@ impl Node {
                     ));
                 })?;
         }
-        let control = tokio::spawn(control_loop(config, senders, ev_rx, media_addrs.clone()));
+        let control = tokio::spawn(crate::control::run(
+            config,
+            senders,
+            ev_rx,
+            media_addrs.clone(),
+        ));
         Ok(Node {
             media_addrs,
             metrics,
@@ -179,7 +178,6 @@ async fn run_worker(
             cmd = cmds.recv() => {
                 match cmd {
                     Some(WorkerCmd::Control(c)) => worker.handle_command(Instant::now(), c),
-                    Some(WorkerCmd::Reset) => worker.reset(),
                     None => break,
                 }
             }
@@ -335,219 +333,8 @@ async fn send_all(
     out.clear();
 }
 
-fn room_worker(room: &str, n: usize) -> usize {
+pub(crate) fn room_worker(room: &str, n: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     room.hash(&mut h);
     (h.finish() % n as u64) as usize
-}
-
-struct Routing {
-    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
-    participants: HashMap<u64, (usize, String)>,
-}
-
-impl Routing {
-    fn route(&mut self, cmd: ToNode) -> Option<FromNode> {
-        let participant = match &cmd {
-            ToNode::AddParticipant {
-                participant, room, ..
-            } => {
-                let w = room_worker(room, self.workers.len());
-                self.participants.insert(*participant, (w, room.clone()));
-                *participant
-            }
-            ToNode::ChatTo { participants, .. } => {
-                // A room lives on one worker, so all its recipients do too.
-                let w = participants
-                    .first()
-                    .and_then(|p| self.participants.get(p))
-                    .map(|(w, _)| *w)?;
-                let _ = self.workers[w].send(WorkerCmd::Control(cmd));
-                return None;
-            }
-            ToNode::ClientOffer { participant, .. }
-            | ToNode::ClientAnswer { participant, .. }
-            | ToNode::ClientCandidate { participant, .. }
-            | ToNode::SetMuted { participant, .. }
-            | ToNode::SetEnhanced { participant, .. }
-            | ToNode::SetSubscription { participant, .. }
-            | ToNode::RemoveParticipant { participant } => *participant,
-            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {
-                return None
-            }
-        };
-        let Some((w, _)) = self.participants.get(&participant).cloned() else {
-            return Some(FromNode::Error {
-                participant,
-                code: NodeErrorCode::UnknownParticipant,
-                message: "no such participant on this node".into(),
-            });
-        };
-        if matches!(cmd, ToNode::RemoveParticipant { .. }) {
-            self.participants.remove(&participant);
-        }
-        let _ = self.workers[w].send(WorkerCmd::Control(cmd));
-        None
-    }
-
-    fn note_event(&mut self, ev: &FromNode) {
-        if let FromNode::ParticipantGone { participant, .. } = ev {
-            self.participants.remove(participant);
-        }
-    }
-
-    fn load(&self) -> FromNode {
-        let rooms: HashSet<&String> = self.participants.values().map(|(_, r)| r).collect();
-        FromNode::Load {
-            participants: self.participants.len() as u32,
-            rooms: rooms.len() as u32,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.participants.clear();
-        for w in &self.workers {
-            let _ = w.send(WorkerCmd::Reset);
-        }
-    }
-}
-
-async fn control_loop(
-    config: NodeConfig,
-    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
-    mut events: mpsc::UnboundedReceiver<FromNode>,
-    media_addrs: Vec<SocketAddr>,
-) {
-    let mut routing = Routing {
-        workers,
-        participants: HashMap::new(),
-    };
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let started = Instant::now();
-        match control_session(&config, &mut routing, &mut events, &media_addrs).await {
-            Ok(()) => warn!("control connection to signaling closed; reconnecting"),
-            Err(e) => {
-                warn!("control connection to signaling failed: {e:#}; retrying in {backoff:?}")
-            }
-        }
-        // Signaling forgets this node's participants when the connection drops.
-        routing.reset();
-        while events.try_recv().is_ok() {}
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(200);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-fn client_endpoint(config: &NodeConfig) -> anyhow::Result<quinn::Endpoint> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(config.control_ca_pem.as_bytes()) {
-        roots.add(cert.context("parsing the control CA certificate")?)?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("no certificate found in the control CA PEM");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(3)));
-    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
-    client.transport_config(Arc::new(transport));
-    let bind: SocketAddr = if config.signaling.is_ipv6() {
-        "[::]:0".parse()?
-    } else {
-        "0.0.0.0:0".parse()?
-    };
-    let mut ep = quinn::Endpoint::client(bind)?;
-    ep.set_default_client_config(client);
-    Ok(ep)
-}
-
-async fn control_session(
-    config: &NodeConfig,
-    routing: &mut Routing,
-    events: &mut mpsc::UnboundedReceiver<FromNode>,
-    media_addrs: &[SocketAddr],
-) -> anyhow::Result<()> {
-    let ep = client_endpoint(config)?;
-    let conn = ep
-        .connect(config.signaling, "chorus-control")?
-        .await
-        .with_context(|| format!("connecting to signaling at {}", config.signaling))?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&encode(&FromNode::Hello {
-        node_id: config.node_id.clone(),
-        version: CONTROL_VERSION,
-        media_addrs: media_addrs.iter().map(|a| a.to_string()).collect(),
-    }))
-    .await?;
-    let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 16 * 1024];
-
-    let welcomed = async {
-        loop {
-            let msg = loop {
-                if let Some(m) = dec.next_frame::<ToNode>()? {
-                    break m;
-                }
-                match recv.read(&mut buf).await? {
-                    Some(n) => dec.push(&buf[..n]),
-                    None => {
-                        anyhow::bail!("signaling closed the control stream during the handshake")
-                    }
-                }
-            };
-            match msg {
-                ToNode::Challenge { nonce, .. } => {
-                    let mut mac = Hmac::<Sha256>::new_from_slice(config.node_secret.as_bytes())?;
-                    mac.update(auth_message(&nonce, &config.node_id).as_bytes());
-                    let mac = hex::encode(mac.finalize().into_bytes());
-                    send.write_all(&encode(&FromNode::Auth { mac })).await?;
-                }
-                ToNode::Welcome { .. } => return Ok(()),
-                ToNode::Rejected { reason } => {
-                    anyhow::bail!("signaling refused this node: {reason}")
-                }
-                other => anyhow::bail!("unexpected message during handshake: {other:?}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), welcomed)
-        .await
-        .context("control handshake timed out")??;
-    info!(signaling = %config.signaling, node = %config.node_id, "registered with signaling");
-
-    let mut load_timer = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            r = recv.read(&mut buf) => {
-                match r? {
-                    Some(n) => dec.push(&buf[..n]),
-                    None => return Ok(()),
-                }
-                while let Some(cmd) = dec.next_frame::<ToNode>()? {
-                    if let Some(reply) = routing.route(cmd) {
-                        send.write_all(&encode(&reply)).await?;
-                    }
-                }
-            }
-            ev = events.recv() => {
-                let Some(ev) = ev else { return Ok(()) };
-                routing.note_event(&ev);
-                send.write_all(&encode(&ev)).await?;
-            }
-            _ = load_timer.tick() => {
-                send.write_all(&encode(&routing.load())).await?;
-            }
-        }
-    }
 }

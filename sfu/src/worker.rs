@@ -581,7 +581,10 @@ impl Worker {
                 }
                 info!(participant, enabled, "enhanced audio");
             }
-            ToNode::Challenge { .. } | ToNode::Welcome { .. } | ToNode::Rejected { .. } => {}
+            ToNode::Challenge { .. }
+            | ToNode::Welcome { .. }
+            | ToNode::Rejected { .. }
+            | ToNode::Adopt { .. } => {}
         }
     }
 

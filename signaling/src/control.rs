@@ -199,12 +199,12 @@ async fn node_session(conn: quinn::Connection, hub: Arc<Hub>, secret: &str) -> a
 
     let result = loop {
         match read_frame::<FromNode>(&mut recv, &mut dec, &mut buf).await {
-            Ok(Some(ev)) => hub.node_event(&node_id, ev),
+            Ok(Some(ev)) => hub.node_event(&node_id, ev).await,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
-    hub.node_gone(&node_id);
+    hub.node_gone(&node_id).await;
     writer.abort();
     result
 }

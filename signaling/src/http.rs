@@ -13,7 +13,9 @@ use chorus_protocol::client::Grants;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::hub::{Hub, RoomSettings};
+use crate::hub::Hub;
+pub use crate::state::valid_room_name;
+use crate::state::RoomSettings;
 use crate::token::{mint, participant_claims, TokenVerifier};
 use crate::ws::{session, HARD_FRAME_LIMIT};
 
@@ -54,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .route("/admin/rooms", get(admin_rooms))
@@ -95,10 +98,10 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(st): State<AppState>) -> Respons
 async fn metrics(State(st): State<AppState>) -> Response {
     let s = st.hub.stats();
     let body = format!(
-        "# HELP chorus_signaling_rooms Rooms with at least one seat.\n# TYPE chorus_signaling_rooms gauge\nchorus_signaling_rooms {}\n\
-         # HELP chorus_signaling_participants Seats, including those in their reconnect grace period.\n# TYPE chorus_signaling_participants gauge\nchorus_signaling_participants {}\n\
+        "# HELP chorus_signaling_rooms Rooms with at least one seat on this instance.\n# TYPE chorus_signaling_rooms gauge\nchorus_signaling_rooms {}\n\
+         # HELP chorus_signaling_participants Seats on this instance, including those in their reconnect grace period.\n# TYPE chorus_signaling_participants gauge\nchorus_signaling_participants {}\n\
          # HELP chorus_signaling_sessions Seats with a connected WebSocket.\n# TYPE chorus_signaling_sessions gauge\nchorus_signaling_sessions {}\n\
-         # HELP chorus_signaling_nodes Connected SFU nodes.\n# TYPE chorus_signaling_nodes gauge\nchorus_signaling_nodes {}\n",
+         # HELP chorus_signaling_nodes SFU nodes connected to this instance.\n# TYPE chorus_signaling_nodes gauge\nchorus_signaling_nodes {}\n",
         s.rooms, s.participants, s.connected_sessions, s.nodes
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
@@ -116,15 +119,6 @@ fn bad_request(message: &str) -> Response {
         Json(json!({"code": "bad_request", "message": message})),
     )
         .into_response()
-}
-
-/// Room names are shown in URLs and logs; keep them to a safe, readable alphabet.
-pub fn valid_room_name(room: &str) -> bool {
-    !room.is_empty()
-        && room.len() <= 64
-        && room
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 async fn dev_token(
@@ -238,7 +232,10 @@ async fn admin_rooms(State(st): State<AppState>, headers: HeaderMap) -> Response
     match admin_scope(&st, &headers, None) {
         Ok(scope) => {
             let only = (scope != "*").then_some(scope.as_str());
-            Json(json!({"rooms": st.hub.rooms_overview(only)})).into_response()
+            match st.hub.rooms_overview(only).await {
+                Ok(rooms) => Json(json!({"rooms": rooms})).into_response(),
+                Err(e) => unavailable(&e),
+            }
         }
         Err(e) => e.into_response(),
     }
@@ -252,7 +249,11 @@ async fn admin_room(
     if let Err(e) = admin_scope(&st, &headers, Some(&room)) {
         return e.into_response();
     }
-    match st.hub.rooms_overview(Some(&room)).into_iter().next() {
+    let rooms = match st.hub.rooms_overview(Some(&room)).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(&e),
+    };
+    match rooms.into_iter().next() {
         Some(o) => Json(o).into_response(),
         None => api_error(
             StatusCode::NOT_FOUND,
@@ -282,23 +283,30 @@ async fn admin_patch_room(
             ))
         }
     };
-    // The update writes to SQLite when there is a data dir: keep it off the async
-    // workers.
-    let hub = st.hub.clone();
-    let name = room.clone();
-    let updated =
-        tokio::task::spawn_blocking(move || hub.update_room_settings(&name, settings)).await;
-    match updated {
-        Ok(Ok(settings)) => Json(json!({"room": room, "settings": settings})).into_response(),
-        Ok(Err(e)) => api_error(
+    // The state writes to SQLite off the async workers, or to Redis.
+    match st.hub.update_room_settings(&room, settings).await {
+        Ok(settings) => Json(json!({"room": room, "settings": settings})).into_response(),
+        Err(e) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             &format!("could not save the room settings; nothing was changed: {e:#}"),
         ),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &format!("updating the room settings failed: {e}"),
-        ),
+    }
+}
+
+fn unavailable(e: &crate::state::StateError) -> Response {
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &format!("{e}; try again in a moment"),
+    )
+}
+
+/// Ready to take clients: the shared state answers. (`/healthz` only says the process
+/// runs, so an orchestrator never kills an instance for a Redis outage.)
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.hub.state().check().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
     }
 }

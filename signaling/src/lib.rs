@@ -4,12 +4,19 @@
 //! (nodes dial in over an authenticated QUIC control connection), relays SDP and ICE
 //! between clients and nodes, hands out ICE servers, and serves the web client. The
 //! client protocol is `docs/protocol.md`; the node protocol is `docs/control-protocol.md`.
+//!
+//! Alone it keeps its state in memory; with `--redis` any number of instances share it
+//! ([`state`], `docs/fleet.md`), and a client may connect to any of them.
 
 pub mod chat;
 pub mod control;
 pub mod http;
 pub mod hub;
-pub mod room_settings;
+pub mod nodes;
+pub mod session;
+pub mod state;
+#[doc(hidden)]
+pub mod testing;
 pub mod token;
 pub mod tracks;
 pub mod ws;
@@ -25,6 +32,10 @@ use chorus_protocol::client::IceServer;
 use tracing::info;
 
 pub use hub::{Hub, HubConfig, TurnRest};
+use state::history::{MemoryStore, SqliteStore};
+use state::memory::MemoryState;
+use state::redis::{RedisConfig, RedisState};
+use state::SharedState;
 
 /// Everything signaling needs to run. The `chorus` binary builds this from flags.
 #[derive(Debug, Clone)]
@@ -48,8 +59,11 @@ pub struct SignalingConfig {
     pub ice_servers: Vec<IceServer>,
     pub turn: Option<TurnRest>,
     /// Where chat history and room settings are kept: a SQLite file, or memory when
-    /// `None` (room settings then last as long as the process).
+    /// `None` (room settings then last as long as the process). Not used with `redis`.
     pub chat_db: Option<PathBuf>,
+    /// `redis://HOST:PORT`: share rooms, presence, placement, settings and chat with
+    /// every instance using the same Redis. `None`: this process alone.
+    pub redis: Option<String>,
     pub chat: chat::ChatConfig,
     /// Whether clients may ask for server-side noise suppression.
     pub allow_enhanced_audio: bool,
@@ -81,18 +95,35 @@ impl Signaling {
             chat: config.chat.clone(),
             allow_enhanced_audio: config.allow_enhanced_audio,
         };
-        // With a data dir, one SQLite file keeps chat history and room settings.
-        let hub = match &config.chat_db {
-            Some(path) => {
-                let sqlite = Arc::new(chat::SqliteStore::open(path)?);
-                Hub::with_settings_store(hub_config, sqlite.clone(), sqlite)
-                    .with_context(|| format!("loading room settings from {}", path.display()))?
+        let state: Arc<dyn SharedState> = match (&config.redis, &config.chat_db) {
+            (Some(url), db) => {
+                if db.is_some() {
+                    info!("chat history and room settings live in Redis; the data dir is not used");
+                }
+                Arc::new(
+                    RedisState::connect(RedisConfig {
+                        url: url.clone(),
+                        prefix: "chorus".into(),
+                        chat_history: config.chat.history.max(1000),
+                        chat_retention: config.chat.retention,
+                    })
+                    .await?,
+                )
             }
-            None => Hub::new(
-                hub_config,
-                Arc::new(chat::MemoryStore::new(config.chat.history.max(1000))),
-            ),
+            // With a data dir, one SQLite file keeps chat history and room settings.
+            (None, Some(path)) => {
+                let sqlite = Arc::new(SqliteStore::open(path)?);
+                Arc::new(
+                    MemoryState::with_settings_store(sqlite.clone(), sqlite).with_context(
+                        || format!("loading room settings from {}", path.display()),
+                    )?,
+                )
+            }
+            (None, None) => Arc::new(MemoryState::new(Arc::new(MemoryStore::new(
+                config.chat.history.max(1000),
+            )))),
         };
+        let hub = Hub::start(hub_config, state).await?;
 
         let identity = match &config.control_cert {
             Some((c, k)) => control::ControlIdentity::from_pem_files(c, k)?,
@@ -156,8 +187,7 @@ impl Signaling {
                     .checked_sub(retention)
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_millis() as u64);
-                let active = purge_hub.active_rooms();
-                match purge_hub.chat_store().purge_idle(cutoff, &active) {
+                match purge_hub.purge_idle_chat(cutoff).await {
                     Ok(0) => {}
                     Ok(n) => info!(messages = n, "purged chat history of idle rooms"),
                     Err(e) => tracing::warn!("chat purge failed: {e:#}"),

@@ -14,7 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::hub::{Hub, Outbound, SubscriptionUpdate, SESSION_QUEUE};
+use crate::hub::{Hub, SubscriptionUpdate};
+use crate::session::{encode, Outbound, SESSION_QUEUE};
 use crate::token::TokenVerifier;
 
 /// Frames above this are refused by the WebSocket layer itself (close 1009); frames
@@ -57,16 +58,8 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
             match out {
-                Outbound::Msg(m) => {
-                    let text = match serde_json::to_string(&m) {
-                        Ok(t) => t,
-                        Err(_) => continue,
-                    };
-                    if sink
-                        .send(Message::Text(Utf8Bytes::from(text)))
-                        .await
-                        .is_err()
-                    {
+                Outbound::Text(text) => {
+                    if sink.send(Message::Text(text)).await.is_err() {
                         break;
                     }
                 }
@@ -84,13 +77,13 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
     });
 
     let send = |m: ServerMessage| {
-        let _ = tx.try_send(Outbound::Msg(m));
+        let _ = tx.try_send(Outbound::Text(encode(&m)));
     };
     let error = |code: ErrorCode, message: &str| {
-        let _ = tx.try_send(Outbound::Msg(ServerMessage::Error {
+        let _ = tx.try_send(Outbound::Text(encode(&ServerMessage::Error {
             code,
             message: message.to_string(),
-        }));
+        })));
     };
 
     let mut joined: Option<u64> = None;
@@ -225,7 +218,7 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                     let _ = tx.try_send(Outbound::Close(4003, "forbidden".into()));
                     break;
                 }
-                match hub.join(&claims, resume, version, conn, tx.clone()) {
+                match hub.join(&claims, resume, version, conn, tx.clone()).await {
                     // The hub queued `joined` on this session.
                     Ok(j) => joined = Some(j.participant),
                     Err((code, message)) => {
@@ -283,7 +276,7 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                 )
             }
             (ClientMessage::Enhance { enabled }, Some(p)) => {
-                if let Err((code, m)) = hub.set_enhanced(p, conn, enabled) {
+                if let Err((code, m)) = hub.set_enhanced(p, conn, enabled).await {
                     error(code, &m);
                 }
             }
@@ -303,17 +296,17 @@ pub async fn session(socket: WebSocket, hub: Arc<Hub>, verifier: Arc<TokenVerifi
                     width,
                     height,
                 };
-                if let Err((code, m)) = hub.update_subscription(p, conn, track_sid, view) {
+                if let Err((code, m)) = hub.update_subscription(p, conn, track_sid, view).await {
                     error(code, &m);
                 }
             }
             (ClientMessage::Mute { muted }, Some(p)) => {
-                if let Err((code, m)) = hub.set_muted(p, conn, muted) {
+                if let Err((code, m)) = hub.set_muted(p, conn, muted).await {
                     error(code, &m);
                 }
             }
             (ClientMessage::Leave, Some(p)) => {
-                hub.leave(p, conn);
+                hub.leave(p, conn).await;
                 left = true;
                 let _ = tx.try_send(Outbound::Close(1000, "left".into()));
                 break;

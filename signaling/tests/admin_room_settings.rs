@@ -22,6 +22,7 @@ async fn signaling_on(db: &std::path::Path) -> Signaling {
         ice_servers: vec![],
         turn: None,
         chat_db: Some(db.to_path_buf()),
+        redis: None,
         chat: Default::default(),
         allow_enhanced_audio: true,
     })

@@ -3,11 +3,16 @@
 
 use std::collections::HashMap;
 
-use chorus_protocol::track::{QualityReason, SourceSet, TrackDecl, TrackKind};
+use chorus_protocol::track::{
+    QualityReason, SourceSet, TrackDecl, TrackInfo, TrackKind, TrackSource,
+};
 use chorus_protocol::{PROTOCOL_AUDIO_ONLY, PROTOCOL_VERSION};
 
 use super::*;
-use crate::chat::MemoryStore;
+use crate::session::{Outbound, SESSION_QUEUE};
+use crate::state::history::MemoryStore;
+use crate::state::memory::MemoryState;
+use chorus_protocol::client::ParticipantInfo;
 
 struct Fixture {
     hub: Arc<Hub>,
@@ -28,8 +33,8 @@ fn claims(identity: &str, grants: Grants) -> Claims {
     }
 }
 
-fn fixture() -> Fixture {
-    let hub = Hub::new(
+async fn fixture() -> Fixture {
+    let hub = Hub::start(
         HubConfig {
             reconnect_grace: Duration::from_secs(15),
             ice_servers: vec![],
@@ -37,8 +42,10 @@ fn fixture() -> Fixture {
             chat: ChatConfig::default(),
             allow_enhanced_audio: true,
         },
-        Arc::new(MemoryStore::new(100)),
-    );
+        Arc::new(MemoryState::new(Arc::new(MemoryStore::new(100)))),
+    )
+    .await
+    .unwrap();
     let (tx, node_rx) = mpsc::unbounded_channel();
     hub.register_node("n", tx).unwrap();
     Fixture {
@@ -51,7 +58,7 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     /// Joins and returns (participant, conn); `joined` is left in the session queue.
-    fn join_with(
+    async fn join_with(
         &mut self,
         identity: &str,
         grants: Grants,
@@ -64,13 +71,15 @@ impl Fixture {
         let j = self
             .hub
             .join(&claims(identity, grants), resume, version, conn, tx)
+            .await
             .unwrap();
         self.sessions.insert(j.participant, rx);
         (j.participant, conn)
     }
 
-    fn join(&mut self, identity: &str, grants: Grants) -> (u64, u64) {
+    async fn join(&mut self, identity: &str, grants: Grants) -> (u64, u64) {
         self.join_with(identity, grants, false, PROTOCOL_VERSION)
+            .await
     }
 
     fn node_got(&mut self) -> Vec<ToNode> {
@@ -81,20 +90,22 @@ impl Fixture {
         let rx = self.sessions.get_mut(&p).unwrap();
         std::iter::from_fn(|| rx.try_recv().ok())
             .filter_map(|o| match o {
-                Outbound::Msg(m) => Some(m),
+                Outbound::Text(t) => Some(serde_json::from_str(t.as_str()).unwrap()),
                 Outbound::Close(..) => None,
             })
             .collect()
     }
 
-    fn publish(&self, p: u64, tracks: Vec<TrackInfo>) {
-        self.hub.node_event(
-            "n",
-            FromNode::Tracks {
-                participant: p,
-                tracks,
-            },
-        );
+    async fn publish(&self, p: u64, tracks: Vec<TrackInfo>) {
+        self.hub
+            .node_event(
+                "n",
+                FromNode::Tracks {
+                    participant: p,
+                    tracks,
+                },
+            )
+            .await;
     }
 }
 
@@ -128,14 +139,14 @@ const MIC_AND_CAMERA: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\
     m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n\
     a=sctp-port:5000\r\n";
 
-#[test]
-fn a_microphone_only_token_may_not_publish_a_camera_and_nothing_reaches_the_node() {
-    let mut f = fixture();
+#[tokio::test]
+async fn a_microphone_only_token_may_not_publish_a_camera_and_nothing_reaches_the_node() {
+    let mut f = fixture().await;
     let mic_only = Grants {
         can_publish_sources: Some([TrackSource::Microphone].into_iter().collect::<SourceSet>()),
         ..Grants::default_participant()
     };
-    let (a, conn) = f.join("ana", mic_only);
+    let (a, conn) = f.join("ana", mic_only).await;
     f.node_got();
     let e = f
         .hub
@@ -168,7 +179,7 @@ fn a_microphone_only_token_may_not_publish_a_camera_and_nothing_reaches_the_node
     assert!(f.node_got().is_empty(), "a refused offer is not forwarded");
 
     // A full token's offer goes through with every track's source resolved.
-    let (b, conn) = f.join("bo", Grants::default_participant());
+    let (b, conn) = f.join("bo", Grants::default_participant()).await;
     f.node_got();
     f.hub
         .to_node(b, conn, offer(b, MIC_AND_CAMERA, vec![]))
@@ -192,10 +203,10 @@ fn a_microphone_only_token_may_not_publish_a_camera_and_nothing_reaches_the_node
     );
 }
 
-#[test]
-fn a_bad_declaration_is_a_bad_request_and_not_forwarded() {
-    let mut f = fixture();
-    let (a, conn) = f.join("ana", Grants::default_participant());
+#[tokio::test]
+async fn a_bad_declaration_is_a_bad_request_and_not_forwarded() {
+    let mut f = fixture().await;
+    let (a, conn) = f.join("ana", Grants::default_participant()).await;
     f.node_got();
     let e = f
         .hub
@@ -216,21 +227,25 @@ fn a_bad_declaration_is_a_bad_request_and_not_forwarded() {
     assert!(f.node_got().is_empty());
 }
 
-#[test]
-fn the_protocol_version_decides_video_and_is_echoed() {
-    let mut f = fixture();
-    let (old, _) = f.join_with(
-        "old",
-        Grants::default_participant(),
-        false,
-        PROTOCOL_AUDIO_ONLY,
-    );
-    let (new, _) = f.join_with(
-        "new",
-        Grants::default_participant(),
-        false,
-        PROTOCOL_VERSION,
-    );
+#[tokio::test]
+async fn the_protocol_version_decides_video_and_is_echoed() {
+    let mut f = fixture().await;
+    let (old, _) = f
+        .join_with(
+            "old",
+            Grants::default_participant(),
+            false,
+            PROTOCOL_AUDIO_ONLY,
+        )
+        .await;
+    let (new, _) = f
+        .join_with(
+            "new",
+            Grants::default_participant(),
+            false,
+            PROTOCOL_VERSION,
+        )
+        .await;
     let video: Vec<(u64, bool)> = f
         .node_got()
         .into_iter()
@@ -253,16 +268,16 @@ fn the_protocol_version_decides_video_and_is_echoed() {
 // `disconnected` starts the grace timer, a tokio task.
 #[tokio::test]
 async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
-    let mut f = fixture();
-    let (a, _) = f.join("ana", Grants::default_participant());
-    let (b, _) = f.join("bo", Grants::default_participant());
+    let mut f = fixture().await;
+    let (a, _) = f.join("ana", Grants::default_participant()).await;
+    let (b, _) = f.join("bo", Grants::default_participant()).await;
     f.received(a);
     f.received(b);
     let list = vec![
         track(&format!("t{a}_1"), TrackSource::Microphone),
         track(&format!("t{a}_2"), TrackSource::Camera),
     ];
-    f.publish(a, list.clone());
+    f.publish(a, list.clone()).await;
     let updated: Vec<ParticipantInfo> = f
         .received(b)
         .into_iter()
@@ -276,20 +291,22 @@ async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
     assert_eq!(updated[0].tracks, list);
     assert_eq!(f.received(a).len(), 1, "the publisher hears of it too");
     // The same list again changes nothing, so nothing is broadcast.
-    f.publish(a, list.clone());
+    f.publish(a, list.clone()).await;
     assert!(f.received(b).is_empty());
     // Events for a participant of another node are ignored.
-    f.hub.node_event(
-        "other",
-        FromNode::Tracks {
-            participant: a,
-            tracks: vec![],
-        },
-    );
+    f.hub
+        .node_event(
+            "other",
+            FromNode::Tracks {
+                participant: a,
+                tracks: vec![],
+            },
+        )
+        .await;
     assert!(f.received(b).is_empty());
 
     // Mute shows on the microphone track at once.
-    f.hub.set_muted(a, 1, true).unwrap();
+    f.hub.set_muted(a, 1, true).await.unwrap();
     let muted = f.received(b).into_iter().find_map(|m| match m {
         ServerMessage::ParticipantUpdated { participant } => Some(participant),
         _ => None,
@@ -299,7 +316,7 @@ async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
     assert!(!tracks[1].muted);
 
     // A late joiner sees the tracks in `joined`; so does the admin view.
-    let (c, _) = f.join("cy", Grants::default_participant());
+    let (c, _) = f.join("cy", Grants::default_participant()).await;
     match f.received(c).first() {
         Some(ServerMessage::Joined { participants, .. }) => {
             let ana = participants
@@ -310,13 +327,15 @@ async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
         }
         other => panic!("expected joined, got {other:?}"),
     }
-    let overview = f.hub.rooms_overview(Some("room"));
+    let overview = f.hub.rooms_overview(Some("room")).await.unwrap();
     let ana = &overview[0].participants[0];
     assert_eq!(ana.info.tracks[1].kind, TrackKind::Video);
 
     // A resume (same protocol) keeps the seat and its tracks.
     f.hub.disconnected(b, 2);
-    let (b2, _) = f.join_with("bo", Grants::default_participant(), true, PROTOCOL_VERSION);
+    let (b2, _) = f
+        .join_with("bo", Grants::default_participant(), true, PROTOCOL_VERSION)
+        .await;
     assert_eq!(b2, b);
     match f.received(b).last() {
         Some(ServerMessage::Joined {
@@ -338,16 +357,20 @@ async fn tracks_from_the_node_reach_everyone_and_survive_a_resume() {
 // `disconnected` starts the grace timer, a tokio task.
 #[tokio::test]
 async fn a_resume_with_another_protocol_takes_a_fresh_seat() {
-    let mut f = fixture();
-    let (a, conn) = f.join_with(
-        "ana",
-        Grants::default_participant(),
-        false,
-        PROTOCOL_AUDIO_ONLY,
-    );
+    let mut f = fixture().await;
+    let (a, conn) = f
+        .join_with(
+            "ana",
+            Grants::default_participant(),
+            false,
+            PROTOCOL_AUDIO_ONLY,
+        )
+        .await;
     f.hub.disconnected(a, conn);
     f.node_got();
-    let (a2, _) = f.join_with("ana", Grants::default_participant(), true, PROTOCOL_VERSION);
+    let (a2, _) = f
+        .join_with("ana", Grants::default_participant(), true, PROTOCOL_VERSION)
+        .await;
     assert_ne!(a2, a);
     match f.received(a2).first() {
         Some(ServerMessage::Joined {
@@ -365,31 +388,35 @@ async fn a_resume_with_another_protocol_takes_a_fresh_seat() {
         .any(|m| matches!(m, ToNode::AddParticipant { participant, video: true, .. } if *participant == a2)));
 }
 
-#[test]
-fn subscriptions_name_tracks_someone_else_publishes() {
-    let mut f = fixture();
-    let (a, a_conn) = f.join("ana", Grants::default_participant());
-    let (b, b_conn) = f.join("bo", Grants::default_participant());
+#[tokio::test]
+async fn subscriptions_name_tracks_someone_else_publishes() {
+    let mut f = fixture().await;
+    let (a, a_conn) = f.join("ana", Grants::default_participant()).await;
+    let (b, b_conn) = f.join("bo", Grants::default_participant()).await;
     let cam = format!("t{a}_2");
-    f.publish(a, vec![track(&cam, TrackSource::Camera)]);
-    f.publish(b, vec![track(&format!("t{b}_1"), TrackSource::Camera)]);
+    f.publish(a, vec![track(&cam, TrackSource::Camera)]).await;
+    f.publish(b, vec![track(&format!("t{b}_1"), TrackSource::Camera)])
+        .await;
     f.node_got();
 
     let e = f
         .hub
         .update_subscription(b, b_conn, "t99_1".into(), cap(Quality::Low))
+        .await
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     // One's own track is not a subscription.
     let e = f
         .hub
         .update_subscription(b, b_conn, format!("t{b}_1"), cap(Quality::Low))
+        .await
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     assert!(f.node_got().is_empty());
 
     f.hub
         .update_subscription(b, b_conn, cam.clone(), cap(Quality::Low))
+        .await
         .unwrap();
     assert_eq!(
         f.node_got(),
@@ -415,6 +442,7 @@ fn subscriptions_name_tracks_someone_else_publishes() {
                 ..Default::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!(
         f.node_got(),
@@ -428,52 +456,60 @@ fn subscriptions_name_tracks_someone_else_publishes() {
         }]
     );
     // A track that was unpublished is unknown again.
-    f.publish(a, vec![]);
+    f.publish(a, vec![]).await;
     let e = f
         .hub
         .update_subscription(b, b_conn, cam.clone(), cap(Quality::High))
+        .await
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::UnknownTrack);
     // A stale session may not subscribe for the seat.
     let e = f
         .hub
         .update_subscription(b, a_conn, cam, cap(Quality::High))
+        .await
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::NotJoined);
 }
 
-#[test]
-fn track_quality_and_unknown_track_errors_go_to_that_participant_only() {
-    let mut f = fixture();
-    let (a, _) = f.join("ana", Grants::default_participant());
-    let (b, _) = f.join("bo", Grants::default_participant());
+#[tokio::test]
+async fn track_quality_and_unknown_track_errors_go_to_that_participant_only() {
+    let mut f = fixture().await;
+    let (a, _) = f.join("ana", Grants::default_participant()).await;
+    let (b, _) = f.join("bo", Grants::default_participant()).await;
     f.received(a);
     f.received(b);
-    f.hub.node_event(
-        "n",
-        FromNode::TrackQuality {
-            participant: b,
-            track: format!("t{a}_2"),
-            quality: Quality::Medium,
-            reason: Some(QualityReason::Bandwidth),
-        },
-    );
-    f.hub.node_event(
-        "n",
-        FromNode::PublishLayers {
-            participant: a,
-            track: format!("t{a}_2"),
-            layers: vec![Quality::Low],
-        },
-    );
-    f.hub.node_event(
-        "n",
-        FromNode::Error {
-            participant: b,
-            code: NodeErrorCode::UnknownTrack,
-            message: "no such track".into(),
-        },
-    );
+    f.hub
+        .node_event(
+            "n",
+            FromNode::TrackQuality {
+                participant: b,
+                track: format!("t{a}_2"),
+                quality: Quality::Medium,
+                reason: Some(QualityReason::Bandwidth),
+            },
+        )
+        .await;
+    f.hub
+        .node_event(
+            "n",
+            FromNode::PublishLayers {
+                participant: a,
+                track: format!("t{a}_2"),
+                layers: vec![Quality::Low],
+            },
+        )
+        .await;
+    f.hub
+        .node_event(
+            "n",
+            FromNode::Error {
+                participant: b,
+                code: NodeErrorCode::UnknownTrack,
+                message: "no such track".into(),
+            },
+        )
+        .await;
     assert_eq!(
         f.received(b),
         [
@@ -504,12 +540,12 @@ fn cap(q: Quality) -> SubscriptionUpdate {
     }
 }
 
-#[test]
-fn the_admin_room_view_shows_each_receivers_latest_downlink_report() {
+#[tokio::test]
+async fn the_admin_room_view_shows_each_receivers_latest_downlink_report() {
     use chorus_protocol::track::{ReceiveStats, TrackReceive};
-    let mut f = fixture();
-    let (a, _) = f.join("ana", Grants::default_participant());
-    let (b, _) = f.join("bo", Grants::default_participant());
+    let mut f = fixture().await;
+    let (a, _) = f.join("ana", Grants::default_participant()).await;
+    let (b, _) = f.join("bo", Grants::default_participant()).await;
     let stats = ReceiveStats {
         estimate_bps: 420_000,
         allocated_bps: 300_000,
@@ -522,22 +558,26 @@ fn the_admin_room_view_shows_each_receivers_latest_downlink_report() {
             reason: Some(QualityReason::Bandwidth),
         }],
     };
-    f.hub.node_event(
-        "n",
-        FromNode::ReceiveStats {
-            participant: b,
-            stats: stats.clone(),
-        },
-    );
+    f.hub
+        .node_event(
+            "n",
+            FromNode::ReceiveStats {
+                participant: b,
+                stats: stats.clone(),
+            },
+        )
+        .await;
     // A report from a node the participant is not on is ignored.
-    f.hub.node_event(
-        "other",
-        FromNode::ReceiveStats {
-            participant: a,
-            stats: stats.clone(),
-        },
-    );
-    let room = f.hub.rooms_overview(Some("room")).remove(0);
+    f.hub
+        .node_event(
+            "other",
+            FromNode::ReceiveStats {
+                participant: a,
+                stats: stats.clone(),
+            },
+        )
+        .await;
+    let room = f.hub.rooms_overview(Some("room")).await.unwrap().remove(0);
     let by = |id: u64| {
         room.participants
             .iter()

@@ -1,10 +1,11 @@
 //! Where per-room admin settings ([`RoomSettings`]) are kept across restarts.
 //!
-//! The hub holds every room's settings in memory (they are read on the signaling path,
-//! e.g. when a participant asks for enhanced audio). When signaling has a data dir, each
-//! change is also written through to a [`RoomSettingsStore`] (the `room_settings` table
-//! of the same SQLite file that keeps chat history) and every row is loaded back at
-//! startup. Without a data dir (`--chat-memory`) settings last as long as the process.
+//! The in-memory state ([`super::memory::MemoryState`]) holds every room's settings in
+//! memory. When signaling has a data dir, each change is also written through to a
+//! [`RoomSettingsStore`] (the `room_settings` table of the same SQLite file that keeps
+//! chat history) and every row is loaded back at startup. Without a data dir
+//! (`--chat-memory`) settings last as long as the process. With Redis they live in
+//! Redis instead.
 //!
 //! Chat retention (`--chat-retention`) only ever deletes from `chat_messages`, so it
 //! never touches room settings.
@@ -13,8 +14,8 @@ use anyhow::Context;
 use rusqlite::types::Value;
 use tracing::warn;
 
-use crate::chat::SqliteStore;
-use crate::hub::RoomSettings;
+use super::history::SqliteStore;
+use super::RoomSettings;
 
 /// Durable storage for room settings.
 pub trait RoomSettingsStore: Send + Sync {
@@ -54,7 +55,7 @@ impl RoomSettingsStore for SqliteStore {
                 );
                 continue;
             };
-            if !crate::http::valid_room_name(room) {
+            if !super::valid_room_name(room) {
                 warn!(room = %room.escape_debug(), "skipping room_settings row: invalid room name");
                 continue;
             }
@@ -92,7 +93,7 @@ impl RoomSettingsStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::ChatStore;
+    use crate::state::history::ChatStore;
     use chorus_protocol::chat::Sender;
     use std::collections::HashSet;
 
